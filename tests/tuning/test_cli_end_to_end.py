@@ -1,0 +1,165 @@
+"""A short real run through the `frozen-tune run` command, then a second run that reuses the caches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+TINY_EXPERIMENT = {
+    "name": "tiny",
+    "dataset": {"name": "digits", "classes": [5, 6, 7, 8, 9], "validation_split": 0.2, "seed": 0},
+    "backbone": {"name": "small_cnn", "image_size": 16, "weights": "pretrained",
+                 "pretrain": {"dataset": "digits", "classes": [0, 1, 2, 3, 4], "epochs": 3}},
+    "search": {
+        "metric": "val_loss", "mode": "min", "num_trials": 3, "max_concurrent": 2, "initial_points": 2, "seed": 0,
+        "space": {
+            "learning_rate": {"type": "loguniform", "low": 3.0e-3, "high": 3.0e-2},
+            "units_1": {"type": "int", "low": 32, "high": 128},
+            "dropout": {"type": "uniform", "low": 0.0, "high": 0.3},
+            "batch_size": {"type": "choice", "values": [32, 64]},
+        },
+    },
+    "training": {"max_epochs": 8, "patience": 3},
+}
+PARAMETERS = list(TINY_EXPERIMENT["search"]["space"])
+
+# Loads the exported model in a Python process that never imports this project.
+EVALUATE_SCRIPT = """
+import json, sys, zipfile
+import numpy as np
+import keras
+model = keras.models.load_model(sys.argv[1])
+arrays = np.load(sys.argv[2])
+probabilities = model.predict(arrays["x"], verbose=0)
+with zipfile.ZipFile(sys.argv[1]) as archive:
+    metadata = json.loads(archive.read("frozen_tune.json"))
+print(json.dumps({
+    "accuracy": float((probabilities.argmax(axis=1) == arrays["y"]).mean()),
+    "class_names": metadata["class_names"],
+    "project_imported": any(name.split(".")[0] in ("models", "tuning") for name in sys.modules),
+}))
+"""
+
+
+def run_cli(experiment: Path, storage: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "FROZEN_TUNE_CACHE": str(cache), "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "tuning", "run", str(experiment), "--storage", str(storage), *extra],
+        capture_output=True, text=True, timeout=900, env=environment,
+    )
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("end_to_end")
+    experiment = folder / "tiny.yaml"
+    experiment.write_text(yaml.safe_dump(TINY_EXPERIMENT))
+    completed = run_cli(experiment, folder / "runs", folder / "cache")
+    return folder, experiment, completed
+
+
+def test_run_succeeds_and_prints_best(first_run):
+    _, _, completed = first_run
+
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "Best trial" in completed.stdout
+    assert "best_model.keras" in completed.stdout
+
+
+def test_results_table_has_every_column(first_run):
+    folder, _, _ = first_run
+    frame = pd.read_csv(folder / "runs" / "tiny" / "results.csv")
+
+    assert len(frame) == 3
+    for column in [*PARAMETERS, "trial_id", "best_epoch", "best_val_loss", "best_val_accuracy", "epochs_run", "status", "node"]:
+        assert column in frame.columns
+    assert (frame["status"] == "TERMINATED").all()
+    assert frame["trial_id"].is_unique
+    assert frame["units_1"].between(32, 128).all()
+    assert frame["batch_size"].isin([32, 64]).all()
+    assert (frame["epochs_run"] >= frame["best_epoch"]).all()
+
+
+def test_best_config_matches_table(first_run):
+    folder, _, _ = first_run
+    run_dir = folder / "runs" / "tiny"
+    frame = pd.read_csv(run_dir / "results.csv")
+    best = json.loads((run_dir / "best_config.json").read_text())
+    best_row = frame.loc[frame["best_val_loss"].idxmin()]
+
+    assert best["trial_id"] == best_row["trial_id"]
+    assert best["metrics"]["best_val_loss"] == pytest.approx(best_row["best_val_loss"])
+    assert best["hyperparameters"]["units_1"] == best_row["units_1"]
+    assert best_row["trial_id"] in (run_dir / "report.md").read_text()
+
+
+def test_convergence_plot_is_png(first_run):
+    folder, _, _ = first_run
+    image = (folder / "runs" / "tiny" / "convergence.png").read_bytes()
+
+    assert image[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(image) > 10_000
+
+
+def test_checkpoint_folders_named_by_values(first_run):
+    folder, _, _ = first_run
+    trial_folders = sorted(path for path in (folder / "runs" / "tiny").iterdir() if path.is_dir())
+
+    assert len(trial_folders) == 3
+    for trial_folder in trial_folders:
+        assert "learning_rate=" in trial_folder.name
+        assert "units_1=" in trial_folder.name
+        assert len(list(trial_folder.glob("checkpoint_*"))) == 1
+
+
+def test_model_loads_without_project(first_run, tmp_path):
+    from models.datasets import load_dataset
+
+    folder, _, _ = first_run
+    dataset = load_dataset("digits", classes=[5, 6, 7, 8, 9], validation_split=0.2, seed=0)
+    arrays = tmp_path / "validation.npz"
+    np.savez(arrays, x=dataset.x_val, y=dataset.y_val)
+
+    completed = subprocess.run(
+        [sys.executable, "-c", EVALUATE_SCRIPT, str(folder / "runs" / "tiny" / "best_model.keras"), str(arrays)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    outcome = json.loads(completed.stdout.strip().splitlines()[-1])
+
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert outcome["project_imported"] is False
+    assert outcome["class_names"] == ["5", "6", "7", "8", "9"]
+    assert outcome["accuracy"] > 0.8
+
+
+def test_second_run_reuses_caches(first_run):
+    folder, experiment, _ = first_run
+    cache = folder / "cache"
+    before = {path: path.stat().st_mtime_ns for path in cache.rglob("*") if path.is_file()}
+
+    completed = run_cli(experiment, folder / "runs", cache, "--name", "again", "--num-trials", "1")
+    after = {path: path.stat().st_mtime_ns for path in cache.rglob("*") if path.is_file()}
+
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert len([path for path in before if path.suffix == ".npz"]) == 1
+    assert len([path for path in before if path.name.endswith(".weights.h5")]) == 1
+    assert after == before
+    assert "backbone reused from cache, embeddings reused from cache" in completed.stderr
+
+
+def test_existing_run_folder_rejected(first_run):
+    folder, experiment, _ = first_run
+
+    completed = run_cli(experiment, folder / "runs", folder / "cache")
+
+    assert completed.returncode == 1
+    assert "already contains an experiment" in completed.stderr
+    assert "--name" in completed.stderr

@@ -1,0 +1,158 @@
+"""Experiment file validation: every malformed file names its field, and the CLI exits with 2."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tuning.config import ConfigError, load_experiment, parse_experiment
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+QUICKSTART = REPOSITORY / "examples" / "quickstart.yaml"
+
+
+def quickstart() -> dict:
+    return yaml.safe_load(QUICKSTART.read_text())
+
+
+def changed(path: str, value) -> dict:
+    """The quickstart with the dotted key `path` set to `value` (a value of `DELETE` removes it)."""
+    data = copy.deepcopy(quickstart())
+    *parents, last = path.split(".")
+    target = data
+    for part in parents:
+        target = target.setdefault(part, {})
+    if value == "DELETE":
+        del target[last]
+    else:
+        target[last] = value
+    return data
+
+
+MALFORMED = [
+    ("name", changed("name", "has space"), "name"),
+    ("missing search", changed("search", "DELETE"), "search: required key is missing"),
+    ("unknown top key", changed("serach", {}), "did you mean 'search'"),
+    ("unknown dataset", changed("dataset.name", "mnist"), "dataset.name: unknown dataset 'mnist'"),
+    ("one class", changed("dataset.classes", [5]), "dataset.classes"),
+    ("repeated classes", changed("dataset.classes", [5, 5, 6]), "dataset.classes"),
+    ("split above 1", changed("dataset.validation_split", 1.5), "dataset.validation_split"),
+    ("unknown backbone", changed("backbone.name", "resnet9000"), "backbone.name: unknown backbone"),
+    ("tiny image", changed("backbone.image_size", 2), "backbone.image_size"),
+    ("unknown weights", changed("backbone.weights", "imagenet21k"), "backbone.weights"),
+    ("pretrain epochs 0", changed("backbone.pretrain.epochs", 0), "backbone.pretrain.epochs"),
+    ("unknown metric", changed("search.metric", "f1"), "search.metric: unknown metric 'f1'"),
+    ("bad mode", changed("search.mode", "minimize"), "search.mode"),
+    ("zero trials", changed("search.num_trials", 0), "search.num_trials"),
+    ("zero concurrency", changed("search.max_concurrent", 0), "search.max_concurrent"),
+    ("negative initial points", changed("search.initial_points", -1), "search.initial_points"),
+    ("unknown acquisition", changed("search.acquisition", "thompson"), "search.acquisition"),
+    ("unknown hyperparameter", changed("search.space.learning_rat", {"type": "uniform", "low": 0, "high": 1}), "did you mean 'learning_rate'"),
+    ("low above high", changed("search.space.dropout", {"type": "uniform", "low": 0.5, "high": 0.1}), "search.space.dropout: low must be < high"),
+    ("loguniform from 0", changed("search.space.l2", {"type": "loguniform", "low": 0.0, "high": 0.1}), "search.space.l2: loguniform needs low > 0"),
+    ("empty choice", changed("search.space.batch_size", {"type": "choice", "values": []}), "search.space.batch_size.values"),
+    ("unknown type", changed("search.space.dropout", {"type": "normal", "low": 0, "high": 1}), "parameter type must be one of"),
+    ("misspelt bound", changed("search.space.dropout", {"type": "uniform", "low": 0, "hihg": 1}), "did you mean 'high'"),
+    ("fractional units", changed("search.space.units_1", {"type": "uniform", "low": 8, "high": 64}), "units_1 takes whole numbers"),
+    ("dropout of 1", changed("search.space.dropout", {"type": "uniform", "low": 0.0, "high": 1.0}), "dropout value 1.0 must be in [0, 1)"),
+    ("unknown activation", changed("search.space.activation", {"type": "choice", "values": ["relu", "swishy"]}), "activation value 'swishy'"),
+    ("zero batch size", changed("search.space.batch_size", {"type": "choice", "values": [0, 32]}), "batch_size value 0"),
+    ("text epochs", changed("training.max_epochs", "ten"), "training.max_epochs"),
+    ("zero patience", changed("training.patience", 0), "training.patience"),
+    ("unknown scheduler", changed("scheduler.name", "hyperband"), "scheduler.name"),
+    ("negative cpus", changed("resources.cpus_per_trial", -1), "resources.cpus_per_trial"),
+    ("negative gpus", changed("resources.gpus_per_trial", -0.5), "resources.gpus_per_trial"),
+    ("fixed and tuned", changed("head", {"dropout": 0.1}), "both fixed in head and tuned"),
+    ("point outside space", changed("search.points_to_evaluate", [{"dropout": 0.1}]), "points_to_evaluate[0]"),
+]
+
+
+@pytest.mark.parametrize(("data", "expected"), [case[1:] for case in MALFORMED], ids=[case[0] for case in MALFORMED])
+def test_malformed_experiment_names_field(data, expected):
+    with pytest.raises(ConfigError) as raised:
+        parse_experiment(data)
+
+    assert expected in str(raised.value)
+
+
+def test_quickstart_is_valid():
+    config = load_experiment(QUICKSTART)
+
+    assert config.search.num_trials == 30
+    assert config.search.max_concurrent == 2
+    assert config.dataset.classes == [5, 6, 7, 8, 9]
+    assert config.backbone.pretrain.classes == [0, 1, 2, 3, 4]
+    assert set(config.search.space) == {"learning_rate", "decay_rate", "dropout", "units_1", "units_2", "units_3", "l2", "batch_size"}
+
+
+def test_mode_defaults_from_metric():
+    assert parse_experiment(changed("search.mode", "DELETE")).search.mode == "min"
+    accuracy = changed("search.mode", "DELETE")
+    accuracy["search"]["metric"] = "val_accuracy"
+    assert parse_experiment(accuracy).search.mode == "max"
+
+
+def test_overrides_replace_values(tmp_path):
+    config = load_experiment(QUICKSTART, {"search.num_trials": 3, "storage": str(tmp_path), "name": "other"})
+
+    assert config.search.num_trials == 3
+    assert config.storage == str(tmp_path)
+    assert config.run_dir() == f"{tmp_path}/other"
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("name: [unclosed", "not valid YAML"),
+        ("- just\n- a list\n", "must be a mapping"),
+        ("", "must be a mapping"),
+    ],
+    ids=["broken yaml", "list", "empty file"],
+)
+def test_unreadable_files_rejected(tmp_path, content, expected):
+    path = tmp_path / "experiment.yaml"
+    path.write_text(content)
+
+    with pytest.raises(ConfigError, match=expected):
+        load_experiment(path)
+
+
+def test_missing_file_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_experiment(tmp_path / "nope.yaml")
+
+
+def test_cli_exits_2_and_writes_nothing(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(changed("search.space.dropout", {"type": "uniform", "low": 0.9, "high": 0.1})))
+    storage = tmp_path / "runs"
+
+    completed = subprocess.run(
+        [sys.executable, "-m", "tuning", "run", str(path), "--storage", str(storage)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "FROZEN_TUNE_CACHE": str(tmp_path / "cache")},
+    )
+
+    assert completed.returncode == 2
+    assert "search.space.dropout: low must be < high" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert not storage.exists()
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cli_rejects_unwritable_storage(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+
+    completed = subprocess.run(
+        [sys.executable, "-m", "tuning", "run", str(QUICKSTART), "--storage", str(blocker / "runs")],
+        capture_output=True, text=True, timeout=60,
+    )
+
+    assert completed.returncode == 2
+    assert "not writable" in completed.stderr

@@ -1,0 +1,229 @@
+"""GaussianProcessSearcher through Ray's Searcher interface, and in a real Tuner run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from ray import tune
+from ray.tune.search import ConcurrencyLimiter, Searcher
+
+from tuning.searcher import GaussianProcessSearcher
+from tuning.space import Parameter, SearchSpace
+
+HEAD_LIKE_SPACE = {
+    "learning_rate": tune.loguniform(1e-4, 1e-1),
+    "dropout": tune.uniform(0.0, 0.6),
+    "units_1": tune.randint(1, 513),
+    "batch_size": tune.choice([32, 64, 128, 256]),
+    "activation": tune.choice(["relu", "tanh"]),
+}
+
+
+def bowl(config: dict) -> float:
+    """A smooth function of the head-like space with its minimum 0 at lr=1e-2.5, dropout 0.2, 200 units, 64, relu."""
+    value = (math.log10(config["learning_rate"]) + 2.5) ** 2
+    value += 4 * (config["dropout"] - 0.2) ** 2
+    value += ((config["units_1"] - 200) / 300) ** 2
+    value += 0.0 if config["batch_size"] == 64 else 0.3
+    value += 0.0 if config["activation"] == "relu" else 0.2
+    return value
+
+
+def drive(searcher: Searcher, objective, trials: int, metric: str = "loss", sign: float = 1.0) -> list[float]:
+    values = []
+    for index in range(trials):
+        config = searcher.suggest(f"t{index}")
+        value = sign * objective(config)
+        values.append(value)
+        searcher.on_trial_complete(f"t{index}", {metric: value})
+    return values
+
+
+def test_suggestions_inside_bounds_with_types():
+    searcher = GaussianProcessSearcher(HEAD_LIKE_SPACE, metric="loss", mode="min", initial_points=5, seed=1)
+    configs = []
+    for index in range(25):
+        config = searcher.suggest(f"t{index}")
+        configs.append(config)
+        searcher.on_trial_complete(f"t{index}", {"loss": bowl(config)})
+
+    for config in configs:
+        assert isinstance(config["learning_rate"], float)
+        assert 1e-4 <= config["learning_rate"] <= 1e-1
+        assert isinstance(config["dropout"], float)
+        assert 0.0 <= config["dropout"] <= 0.6
+        assert type(config["units_1"]) is int
+        assert 1 <= config["units_1"] <= 512
+        assert config["batch_size"] in (32, 64, 128, 256)
+        assert type(config["batch_size"]) is int
+        assert config["activation"] in ("relu", "tanh")
+
+
+def test_min_mode_finds_low_values():
+    searcher = GaussianProcessSearcher(HEAD_LIKE_SPACE, metric="loss", mode="min", initial_points=5, seed=0)
+    values = drive(searcher, bowl, 30)
+    random_values = drive(GaussianProcessSearcher(HEAD_LIKE_SPACE, metric="loss", mode="min", initial_points=30, seed=0), bowl, 30)
+
+    assert min(values) < 0.2
+    assert min(values) < min(random_values)
+
+
+def test_max_mode_finds_high_values():
+    searcher = GaussianProcessSearcher(HEAD_LIKE_SPACE, metric="score", mode="max", initial_points=5, seed=0)
+    values = drive(searcher, bowl, 30, metric="score", sign=-1.0)
+
+    assert max(values) > -0.2
+    # The registered observations keep the metric's own sign.
+    assert max(value for _, value in searcher.observations) == pytest.approx(max(values))
+
+
+def test_pending_trials_get_distinct_configs():
+    searcher = GaussianProcessSearcher(HEAD_LIKE_SPACE, metric="loss", mode="min", initial_points=4, seed=3)
+    drive(searcher, bowl, 10)
+
+    pending = [searcher.suggest(f"p{index}") for index in range(4)]
+    keys = {searcher.space.key(config) for config in pending}
+    observed = {searcher.space.key(config) for config, _ in searcher.observations}
+
+    assert len(keys) == 4
+    assert not keys & observed
+    # Constant liar: the four points are spread out, not clustered around one optimum.
+    features = np.array([searcher.space.to_features(config) for config in pending])
+    distances = [np.linalg.norm(a - b) for i, a in enumerate(features) for b in features[i + 1:]]
+    assert min(distances) > 0.01
+
+
+def test_small_discrete_space_never_stops():
+    space = {"units_1": tune.randint(1, 4), "batch_size": tune.choice([32, 64])}
+    searcher = GaussianProcessSearcher(space, metric="loss", mode="min", initial_points=2, seed=0)
+    configs = []
+    for index in range(10):
+        config = searcher.suggest(f"t{index}")
+        assert config is not None
+        assert config is not Searcher.FINISHED
+        configs.append(config)
+        searcher.on_trial_complete(f"t{index}", {"loss": config["units_1"] + config["batch_size"] / 64})
+
+    distinct = {(config["units_1"], config["batch_size"]) for config in configs}
+    # All six configurations come first; only then do repeats start.
+    assert len({(config["units_1"], config["batch_size"]) for config in configs[:6]}) == 6
+    assert len(distinct) == 6
+
+
+def test_nan_and_errors_not_registered():
+    searcher = GaussianProcessSearcher(HEAD_LIKE_SPACE, metric="loss", mode="min", seed=0)
+    for index in range(4):
+        searcher.suggest(f"t{index}")
+    searcher.on_trial_complete("t0", {"loss": float("nan")})
+    searcher.on_trial_complete("t1", {"loss": float("inf")})
+    searcher.on_trial_complete("t2", None, error=True)
+    searcher.on_trial_complete("t3", {"loss": 0.5})
+
+    assert [value for _, value in searcher.observations] == [0.5]
+    assert set(searcher.failed_trials) == {"t0", "t1", "t2"}
+    assert searcher.pending_trials == {}
+
+
+def test_best_reported_value_registered():
+    searcher = GaussianProcessSearcher(HEAD_LIKE_SPACE, metric="val_loss", mode="min", seed=0)
+    searcher.suggest("t0")
+    for value in (0.9, 0.4, 0.6):
+        searcher.on_trial_result("t0", {"val_loss": value})
+    searcher.on_trial_complete("t0", {"val_loss": 0.6})
+
+    assert searcher.observations[0][1] == 0.4
+
+
+def test_save_restore_round_trip(tmp_path):
+    original = GaussianProcessSearcher(HEAD_LIKE_SPACE, metric="loss", mode="min", initial_points=3, seed=7)
+    drive(original, bowl, 8)
+    original.suggest("running")
+    path = tmp_path / "searcher.pkl"
+    original.save(str(path))
+
+    restored = GaussianProcessSearcher(seed=123)
+    restored.restore(str(path))
+
+    assert restored.observations == original.observations
+    assert restored.pending_trials == original.pending_trials
+    assert restored.metric == "loss"
+    assert restored.mode == "min"
+    assert restored.suggest("next") == original.suggest("next")
+
+
+def test_space_through_set_search_properties():
+    searcher = GaussianProcessSearcher(seed=0)
+    accepted = searcher.set_search_properties("loss", "min", {**HEAD_LIKE_SPACE, "epochs": 3})
+    config = searcher.suggest("t0")
+
+    assert accepted is True
+    assert config["epochs"] == 3
+    assert set(config) == {*HEAD_LIKE_SPACE, "epochs"}
+    # Ray's Searcher contract: a searcher that already has a space rejects another one.
+    assert searcher.set_search_properties("loss", "min", HEAD_LIKE_SPACE) is False
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ({"x": tune.quniform(0, 1, 0.1)}, "quantized"),
+        ({"x": tune.grid_search([1, 2])}, "grid_search"),
+        ({"x": tune.randn(0, 1)}, "unsupported"),
+    ],
+)
+def test_unsupported_domains_rejected(space, message):
+    with pytest.raises(ValueError, match=message):
+        GaussianProcessSearcher(space, metric="loss", mode="min")
+
+
+def test_suggest_without_space_fails_clearly():
+    with pytest.raises(RuntimeError, match="no search space"):
+        GaussianProcessSearcher(metric="loss", mode="min").suggest("t0")
+
+
+def test_loguniform_random_phase_spreads_over_decades():
+    searcher = GaussianProcessSearcher({"lr": tune.loguniform(1e-5, 1e-1)}, metric="loss", mode="min", initial_points=400, seed=0)
+    decades = [math.floor(math.log10(searcher.suggest(f"t{index}")["lr"])) for index in range(400)]
+    counts = np.bincount(np.array(decades) + 5, minlength=4)
+
+    assert len(counts) == 4
+    assert counts.min() >= 80
+    assert counts.max() <= 120
+
+
+def test_int_parameter_never_leaves_bounds():
+    parameter = Parameter(name="units", kind="int", low=1, high=8)
+    for position in np.linspace(-0.1, 1.1, 500):
+        value = parameter.from_features(np.array([position]))
+        assert type(value) is int
+        assert 1 <= value <= 8
+    assert SearchSpace((parameter,)).canonical({"units": 3.0}) == {"units": 3}
+
+
+def test_real_tuner_four_concurrent_trials(ray_local, tmp_path):
+    def objective(config):
+        # Workers cannot import this test module, so the function carries its own formula.
+        import math
+
+        loss = (math.log10(config["learning_rate"]) + 2.5) ** 2 + 4 * (config["dropout"] - 0.2) ** 2
+        tune.report({"loss": loss + ((config["units_1"] - 200) / 300) ** 2})
+
+    searcher = GaussianProcessSearcher(HEAD_LIKE_SPACE, metric="loss", mode="min", initial_points=4, seed=0)
+    tuner = tune.Tuner(
+        objective,
+        tune_config=tune.TuneConfig(metric="loss", mode="min", search_alg=ConcurrencyLimiter(searcher, max_concurrent=4), num_samples=12),
+        run_config=tune.RunConfig(verbose=0, storage_path=str(tmp_path)),
+    )
+    results = tuner.fit()
+
+    configs = [result.config for result in results]
+    assert len(results) == 12
+    assert results.num_errors == 0
+    assert len({SearchSpace.from_tune_config(HEAD_LIKE_SPACE)[0].key(config) for config in configs}) == 12
+    assert len(searcher.observations) == 12
+    losses = [result.metrics["loss"] for result in results]
+    assert results.get_best_result().metrics["loss"] == min(losses)
+    assert sorted(value for _, value in searcher.observations) == sorted(losses)
+

@@ -1,0 +1,77 @@
+"""The trainable in real Ray Tune trials on digits pixels used as embeddings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ray import tune
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+from tuning.trainable import HEAD_WEIGHTS_FILE, TRIAL_STATE_FILE, EmbeddingData, TrialSettings, train_head
+
+
+@pytest.fixture(scope="module")
+def digits_data() -> EmbeddingData:
+    images, labels = load_digits(return_X_y=True)
+    x_train, x_val, y_train, y_val = train_test_split(images, labels, test_size=0.25, stratify=labels, random_state=0)
+    return EmbeddingData.from_arrays(x_train, y_train, x_val, y_val, num_classes=10)
+
+
+def run_trials(data: EmbeddingData, param_space: dict, storage: Path, *, max_epochs: int, patience: int) -> tune.ResultGrid:
+    settings = TrialSettings(
+        metric="val_loss", mode="min", max_epochs=max_epochs, patience=patience,
+        fixed_hyperparameters={"units_1": 32}, cpus_per_trial=1, gpus_per_trial=0,
+    )
+    tuner = tune.Tuner(
+        tune.with_parameters(train_head, data=data, settings=settings),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(metric="val_loss", mode="min"),
+        run_config=tune.RunConfig(storage_path=str(storage), verbose=0, checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+    )
+    return tuner.fit()
+
+
+def test_statistics_come_from_training_embeddings(digits_data):
+    assert digits_data.mean.shape == (64,)
+    assert np.allclose(digits_data.mean, digits_data.train.mean(axis=0))
+    assert np.allclose(digits_data.variance, digits_data.train.var(axis=0))
+    assert digits_data.train.dtype == np.float32
+
+
+def test_trial_reports_stops_and_checkpoints(ray_local, digits_data, tmp_path):
+    results = run_trials(
+        digits_data, {"learning_rate": 0.05, "batch_size": 32}, tmp_path, max_epochs=40, patience=2,
+    )
+    result = results[0]
+    history = result.metrics_dataframe
+    last = result.metrics
+
+    assert result.error is None
+    for column in ("loss", "accuracy", "val_loss", "val_accuracy", "best_val_loss", "best_epoch", "node", "startup_seconds"):
+        assert column in history.columns
+    assert list(history["epoch"]) == list(range(1, len(history) + 1))
+    # Early stopping: training ended `patience` epochs after the best epoch, before max_epochs.
+    assert last["epoch"] < 40
+    assert last["best_epoch"] == last["epoch"] - 2
+    assert last["best_val_loss"] == pytest.approx(history["val_loss"].min())
+    assert last["best_val_accuracy"] > 0.9
+
+    with result.checkpoint.as_directory() as folder:
+        state = json.loads((Path(folder) / TRIAL_STATE_FILE).read_text())
+        assert (Path(folder) / HEAD_WEIGHTS_FILE).is_file()
+    assert state["epoch"] == last["best_epoch"]
+    assert state["hyperparameters"]["units_1"] == 32
+    assert state["hyperparameters"]["learning_rate"] == 0.05
+
+
+def test_diverging_trial_fails_with_reason(ray_local, digits_data, tmp_path):
+    results = run_trials(
+        digits_data, {"learning_rate": 1.0e6, "optimizer": "sgd", "batch_size": 256}, tmp_path, max_epochs=5, patience=5,
+    )
+
+    assert results.num_errors == 1
+    assert "diverged" in str(results[0].error)

@@ -1,0 +1,88 @@
+"""The `frozen-tune` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import click
+
+from tuning.config import ConfigError, check_storage_writable, load_experiment
+
+logger = logging.getLogger(__name__)
+
+EXIT_INVALID_INPUT = 2
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Ray and TensorFlow are verbose at INFO; keep their warnings only.
+    for noisy in ("ray", "tensorflow", "absl", "h5py", "matplotlib"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True,
+              help="How much the command logs to stderr.")
+def main(log_level: str) -> None:
+    """Tune a classifier head on a frozen pretrained backbone with Ray Tune and Gaussian-process search."""
+    _configure_logging(log_level)
+
+
+@main.command()
+@click.argument("experiment", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--address", default=None, help="Ray cluster to connect to (auto, ray://HOST:10001, HOST:6379). Default: start a local Ray.")
+@click.option("--num-trials", type=int, default=None, help="Override search.num_trials.")
+@click.option("--storage", default=None, help="Override storage: a folder, or a URI such as s3://bucket/runs.")
+@click.option("--name", default=None, help="Override the experiment name (the run folder's name).")
+@click.option("--dashboard/--no-dashboard", default=False, show_default=True,
+              help="Start Ray's dashboard on 127.0.0.1 with the local Ray.")
+def run(experiment: str, address: str | None, num_trials: int | None, storage: str | None, name: str | None, dashboard: bool) -> None:
+    """Run the tuning experiment described by the YAML file EXPERIMENT."""
+    try:
+        config = load_experiment(experiment, {"search.num_trials": num_trials, "storage": storage, "name": name})
+        check_storage_writable(config)
+    except ConfigError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_INVALID_INPUT)
+
+    # Ray and TensorFlow load only after the experiment file is known to be valid.
+    from tuning.experiment import ExperimentError, run_experiment
+
+    try:
+        outcome = run_experiment(config, address=address, dashboard=dashboard)
+    except ConfigError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_INVALID_INPUT)
+    except ExperimentError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(1)
+
+    click.echo("")
+    click.echo(f"Best trial {outcome.best_trial_id} of {outcome.num_trials} ({outcome.num_failed} failed), "
+               f"{outcome.wall_seconds:.0f} s in all:")
+    for key, value in outcome.best_config.items():
+        click.echo(f"  {key:<14} {value}")
+    for key in ("best_epoch", "best_val_loss", "best_val_accuracy"):
+        click.echo(f"  {key:<18} {outcome.best_metrics.get(key)}")
+    click.echo(f"Outputs in {outcome.run_dir}:")
+    for file_name in ("results.csv", "best_config.json", "convergence.png", "report.md", "best_model.keras"):
+        click.echo(f"  {outcome.run_dir / file_name}")
+
+
+@main.command()
+@click.argument("experiment", type=click.Path(dir_okay=False, path_type=str))
+def check(experiment: str) -> None:
+    """Validate EXPERIMENT and print it with every default filled in."""
+    try:
+        config = load_experiment(experiment)
+    except ConfigError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_INVALID_INPUT)
+    click.echo(json.dumps(config.model_dump(), indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,423 @@
+"""Experiment file schema: YAML parsed into validated, immutable objects.
+
+Every check on user input lives here, so the rest of the code trusts what it
+receives. `load_experiment` raises `ConfigError`, whose message lists each
+problem with its field path, the offending value and what is accepted. This
+module imports neither Ray nor TensorFlow, so errors appear within a second.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from models.hyperparameters import ACTIVATIONS, HEAD_DEFAULTS, HEAD_HYPERPARAMETERS, OPTIMIZERS
+
+DATASET_NAMES: tuple[str, ...] = ("digits",)
+BACKBONE_NAMES: tuple[str, ...] = ("small_cnn",)
+REPORTED_METRICS: tuple[str, ...] = ("loss", "accuracy", "val_loss", "val_accuracy")
+DEFAULT_CACHE_DIR = Path("~/.cache/frozen-tune")
+CACHE_DIR_VARIABLE = "FROZEN_TUNE_CACHE"
+
+# Hyperparameters whose values must be whole numbers, and their smallest valid value.
+INTEGER_HYPERPARAMETERS: dict[str, int] = {"units_1": 0, "units_2": 0, "units_3": 0, "batch_size": 1}
+CATEGORICAL_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {"activation": ACTIVATIONS, "optimizer": OPTIMIZERS}
+
+
+class ConfigError(ValueError):
+    """An experiment file that cannot be used, with one line per problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(_Strict):
+    name: str = "digits"
+    classes: list[int] | None = None
+    validation_split: float = Field(0.2, gt=0.0, lt=1.0)
+    seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        if name not in DATASET_NAMES:
+            raise ValueError(f"unknown dataset {name!r}; accepted: {', '.join(DATASET_NAMES)}")
+        return name
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct_classes(cls, classes: list[int] | None) -> list[int] | None:
+        if classes is None:
+            return None
+        if len(classes) < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got {classes}")
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"classes must be distinct, got {classes}")
+        return classes
+
+
+class PretrainConfig(_Strict):
+    dataset: str = "digits"
+    classes: list[int] | None = None
+    epochs: int = Field(10, ge=1)
+    seed: int = 0
+    validation_split: float = Field(0.2, gt=0.0, lt=1.0)
+
+    _known_dataset = field_validator("dataset")(DatasetConfig._known_dataset.__func__)
+    _distinct_classes = field_validator("classes")(DatasetConfig._distinct_classes.__func__)
+
+
+class BackboneConfig(_Strict):
+    name: str = "small_cnn"
+    image_size: int = Field(32, ge=8, le=1024)
+    weights: Literal["pretrained", "none"] = "pretrained"
+    pretrain: PretrainConfig = PretrainConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _known_backbone(cls, name: str) -> str:
+        if name not in BACKBONE_NAMES:
+            raise ValueError(f"unknown backbone {name!r}; accepted: {', '.join(BACKBONE_NAMES)}")
+        return name
+
+
+class _Bounded(_Strict):
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _low_below_high(self) -> _Bounded:
+        if not self.low < self.high:
+            raise ValueError(f"low must be < high, got low={self.low}, high={self.high}")
+        return self
+
+
+class UniformParameter(_Bounded):
+    type: Literal["uniform"]
+
+
+class LogUniformParameter(_Bounded):
+    type: Literal["loguniform"]
+
+    @model_validator(mode="after")
+    def _positive_low(self) -> LogUniformParameter:
+        if self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0, got low={self.low}; use uniform for ranges that include 0")
+        return self
+
+
+class IntParameter(_Strict):
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _valid_range(self) -> IntParameter:
+        if not self.low < self.high:
+            raise ValueError(f"low must be < high, got low={self.low}, high={self.high}")
+        if self.log and self.low < 1:
+            raise ValueError(f"a log-spaced int needs low >= 1, got low={self.low}")
+        return self
+
+
+class ChoiceParameter(_Strict):
+    type: Literal["choice"]
+    values: list[Union[int, float, str, bool]] = Field(min_length=1)
+
+    @field_validator("values")
+    @classmethod
+    def _distinct_values(cls, values: list[Any]) -> list[Any]:
+        if len({repr(value) for value in values}) != len(values):
+            raise ValueError(f"choice values must be distinct, got {values}")
+        return values
+
+
+ParameterConfig = Annotated[
+    Union[UniformParameter, LogUniformParameter, IntParameter, ChoiceParameter],
+    Field(discriminator="type"),
+]
+
+
+class SearchConfig(_Strict):
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] | None = None
+    num_trials: int = Field(30, ge=1)
+    max_concurrent: int = Field(2, ge=1)
+    initial_points: int = Field(5, ge=0)
+    acquisition: Literal["ei", "ucb", "pi"] = "ei"
+    seed: int | None = 0
+    space: dict[str, ParameterConfig] = Field(min_length=1)
+    points_to_evaluate: list[dict[str, Any]] = []
+
+    @field_validator("metric")
+    @classmethod
+    def _reported_metric(cls, metric: str) -> str:
+        if metric not in REPORTED_METRICS:
+            raise ValueError(f"unknown metric {metric!r}; trials report: {', '.join(REPORTED_METRICS)}")
+        return metric
+
+    @field_validator("space")
+    @classmethod
+    def _head_hyperparameters(cls, space: dict[str, Any]) -> dict[str, Any]:
+        problems = []
+        for name, parameter in space.items():
+            problems.extend(_hyperparameter_problems(name, parameter))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return space
+
+    @model_validator(mode="after")
+    def _default_mode(self) -> SearchConfig:
+        if self.mode is None:
+            object.__setattr__(self, "mode", "min" if self.metric.endswith("loss") else "max")
+        return self
+
+    @model_validator(mode="after")
+    def _points_inside_space(self) -> SearchConfig:
+        for index, point in enumerate(self.points_to_evaluate):
+            missing = sorted(set(self.space) - set(point))
+            unknown = sorted(set(point) - set(self.space))
+            if missing or unknown:
+                raise ValueError(
+                    f"points_to_evaluate[{index}] must set exactly the parameters of the space; "
+                    f"missing: {missing}, unknown: {unknown}"
+                )
+        return self
+
+
+class TrainingConfig(_Strict):
+    max_epochs: int = Field(30, ge=1)
+    patience: int = Field(5, ge=1)
+
+
+class SchedulerConfig(_Strict):
+    name: Literal["fifo", "asha"] = "fifo"
+    grace_period: int = Field(3, ge=1)
+    reduction_factor: float = Field(3.0, gt=1.0)
+
+
+class ResourcesConfig(_Strict):
+    cpus_per_trial: float = Field(1.0, gt=0.0)
+    gpus_per_trial: float = Field(0.0, ge=0.0)
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _whole_or_fraction(cls, gpus: float) -> float:
+        if gpus > 1 and gpus != int(gpus):
+            raise ValueError(f"gpus_per_trial above 1 must be a whole number, got {gpus}")
+        return gpus
+
+
+class ExperimentConfig(_Strict):
+    """A whole experiment file."""
+
+    name: str
+    dataset: DatasetConfig = DatasetConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    head: dict[str, Any] = {}
+    search: SearchConfig
+    training: TrainingConfig = TrainingConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    storage: str = "./runs"
+    cache_dir: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
+            raise ValueError(
+                f"name {name!r} must start with a letter or digit and contain only letters, digits, '_', '.' and '-' "
+                "(it becomes a folder name)"
+            )
+        return name
+
+    @field_validator("head")
+    @classmethod
+    def _fixed_hyperparameters(cls, head: dict[str, Any]) -> dict[str, Any]:
+        problems = []
+        for name, value in head.items():
+            problems.extend(_hyperparameter_problems(name, ChoiceParameter(type="choice", values=[value])))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return head
+
+    @model_validator(mode="after")
+    def _head_not_in_space(self) -> ExperimentConfig:
+        both = sorted(set(self.head) & set(self.search.space))
+        if both:
+            raise ValueError(f"{both} are both fixed in head and tuned in search.space; keep each in one place")
+        return self
+
+    @property
+    def is_remote_storage(self) -> bool:
+        return "://" in self.storage
+
+    def storage_path(self) -> str:
+        """Return the storage location as Ray expects it: a URI, or an absolute local path."""
+        if self.is_remote_storage:
+            return self.storage
+        return str(Path(self.storage).expanduser().resolve())
+
+    def run_dir(self) -> str:
+        return f"{self.storage_path().rstrip('/')}/{self.name}"
+
+    def cache_path(self) -> Path:
+        """Folder for pretrained backbones and embeddings: `cache_dir`, else $FROZEN_TUNE_CACHE, else ~/.cache/frozen-tune."""
+        chosen = self.cache_dir or os.environ.get(CACHE_DIR_VARIABLE) or str(DEFAULT_CACHE_DIR)
+        return Path(chosen).expanduser().resolve()
+
+    def head_hyperparameters(self, tuned: dict[str, Any]) -> dict[str, Any]:
+        """Return the head's full hyperparameters for one trial: defaults, then fixed values, then tuned values."""
+        return {**HEAD_DEFAULTS, **self.head, **tuned}
+
+
+def _hyperparameter_problems(name: str, parameter: Any) -> list[str]:
+    """Check that `name` is a head hyperparameter and that `parameter`'s range suits it."""
+    if name not in HEAD_HYPERPARAMETERS:
+        return [f"unknown hyperparameter {name!r}{_did_you_mean(name, HEAD_HYPERPARAMETERS)}; the head accepts: {', '.join(HEAD_HYPERPARAMETERS)}"]
+
+    if name in CATEGORICAL_HYPERPARAMETERS:
+        accepted = CATEGORICAL_HYPERPARAMETERS[name]
+        if not isinstance(parameter, ChoiceParameter):
+            return [f"{name} must be a choice of {', '.join(accepted)}"]
+        unknown = [value for value in parameter.values if value not in accepted]
+        return [f"{name} value {value!r} is not accepted; accepted: {', '.join(accepted)}" for value in unknown]
+
+    values = parameter.values if isinstance(parameter, ChoiceParameter) else [parameter.low, parameter.high]
+    problems = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{name} value {value!r} must be a number")
+        elif name in INTEGER_HYPERPARAMETERS and (value != int(value) or value < INTEGER_HYPERPARAMETERS[name]):
+            problems.append(f"{name} value {value!r} must be a whole number >= {INTEGER_HYPERPARAMETERS[name]}")
+        elif name in ("learning_rate",) and value <= 0:
+            problems.append(f"{name} value {value!r} must be > 0")
+        elif name in ("decay_rate", "l2") and value < 0:
+            problems.append(f"{name} value {value!r} must be >= 0")
+        elif name == "dropout" and not 0 <= value < 1:
+            problems.append(f"{name} value {value!r} must be in [0, 1)")
+    if name in INTEGER_HYPERPARAMETERS and isinstance(parameter, (UniformParameter, LogUniformParameter)):
+        problems.append(f"{name} takes whole numbers: use type int or choice, not {parameter.type}")
+    return problems
+
+
+def _did_you_mean(name: str, options: tuple[str, ...] | list[str]) -> str:
+    matches = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {matches[0]!r}?)" if matches else ""
+
+
+PARAMETER_MODELS: dict[str, type[BaseModel]] = {
+    "uniform": UniformParameter,
+    "loguniform": LogUniformParameter,
+    "int": IntParameter,
+    "choice": ChoiceParameter,
+}
+
+
+def _format_validation_error(error: ValidationError) -> list[str]:
+    lines = []
+    for item in error.errors():
+        location = [part for part in item["loc"] if part not in PARAMETER_MODELS]
+        path = ".".join(str(part) for part in location) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            accepted = _accepted_keys(item["loc"][:-1])
+            message = f"unknown key{_did_you_mean(str(location[-1]), accepted)}; accepted keys here: {', '.join(accepted)}"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        elif item["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            message = f"parameter type must be one of {', '.join(PARAMETER_MODELS)}"
+
+        value = item.get("input")
+        shown = ""
+        if item["type"] != "missing" and not isinstance(value, dict) and repr(value) not in message:
+            shown = f" (got {value!r})"
+        lines.append(f"{path}: {message}{shown}")
+    return lines
+
+
+def _accepted_keys(location: tuple[Any, ...]) -> list[str]:
+    """Names of the keys accepted at `location`, following nested models and parameter types."""
+    current: Any = ExperimentConfig
+    for part in location:
+        if part in PARAMETER_MODELS:
+            current = PARAMETER_MODELS[part]
+        elif isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            current = current.model_fields[part].annotation
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def parse_experiment(data: Any, source: str = "experiment") -> ExperimentConfig:
+    """Validate already-parsed YAML data.
+
+    Raises:
+        ConfigError: listing every problem with its field path.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the experiment file must be a mapping of keys (name, dataset, search, ...), got {type(data).__name__}")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as error:
+        lines = _format_validation_error(error)
+        raise ConfigError(f"{source} is invalid:\n" + "\n".join(f"  {line}" for line in lines)) from None
+
+
+def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read and validate an experiment file.
+
+    Args:
+        path: The YAML file.
+        overrides: Dotted keys to replace before validation, e.g.
+            `{"search.num_trials": 4, "storage": "/tmp/runs"}`.
+
+    Raises:
+        ConfigError: for a missing or unreadable file, invalid YAML or any schema error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file {str(path)!r} not found; pass the path of a YAML file such as examples/quickstart.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read experiment file {str(path)!r}: {error}") from None
+
+    if isinstance(data, dict):
+        for dotted, value in (overrides or {}).items():
+            if value is None:
+                continue
+            target = data
+            *parents, last = dotted.split(".")
+            for part in parents:
+                target = target.setdefault(part, {})
+                if not isinstance(target, dict):
+                    raise ConfigError(f"{path}: {part} must be a mapping to override {dotted}")
+            target[last] = value
+    return parse_experiment(data, source=str(path))
+
+
+def check_storage_writable(config: ExperimentConfig) -> None:
+    """Raise ConfigError unless a local storage folder exists and is writable, or can be created."""
+    if config.is_remote_storage:
+        return
+    folder = Path(config.storage_path())
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"storage: {config.storage!r} is not writable ({existing} is not a writable folder); "
+            "pass --storage with a folder you can write to"
+        )

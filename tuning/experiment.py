@@ -1,0 +1,377 @@
+"""Build and run a tuning experiment on Ray, then write its outputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter
+
+from tuning import report
+from tuning.config import ExperimentConfig, check_storage_writable
+from tuning.searcher import GaussianProcessSearcher
+from tuning.space import Parameter, SearchSpace
+from tuning.trainable import HEAD_WEIGHTS_FILE, EmbeddingData, TrialSettings, train_head
+
+logger = logging.getLogger(__name__)
+
+# Maximum length of a trial folder name; most file systems allow 255 bytes.
+MAX_TRIAL_DIRNAME = 180
+
+
+# TensorFlow's C++ start-up lines (oneDNN notes, a failed CUDA probe on CPU-only machines) and
+# Ray Tune's per-checkpoint notices would bury the progress lines.
+QUIET_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "3", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+
+
+def configure_worker_logging() -> None:
+    """Log this project's INFO lines from Ray workers and only warnings from Ray and TensorFlow."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("ray", "tensorflow", "absl", "h5py"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class ExperimentError(RuntimeError):
+    """A run that cannot start or finish; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Result of the feature-preparation task."""
+
+    embeddings: EmbeddingData
+    class_names: list[str]
+    raw_shape: tuple[int, ...]
+    value_range: tuple[float, float]
+    backbone_cache_hit: bool
+    embedding_cache_hit: bool
+    embedding_cache_path: str
+
+
+@dataclass(frozen=True)
+class ExperimentOutcome:
+    """Location of a finished run's outputs and the best trial's values."""
+
+    run_dir: Path
+    best_trial_id: str
+    best_config: dict[str, Any]
+    best_metrics: dict[str, Any]
+    num_trials: int
+    num_failed: int
+    wall_seconds: float
+    data: PreparedData
+
+
+def search_space(config: ExperimentConfig) -> SearchSpace:
+    """Translate the experiment file's `search.space` into a SearchSpace."""
+    parameters = []
+    for name, spec in config.search.space.items():
+        if spec.type == "choice":
+            parameters.append(Parameter(name=name, kind="choice", values=tuple(spec.values)))
+        elif spec.type == "int":
+            parameters.append(Parameter(name=name, kind="int", low=spec.low, high=spec.high, log=spec.log))
+        else:
+            parameters.append(Parameter(name=name, kind=spec.type, low=spec.low, high=spec.high))
+    return SearchSpace(tuple(parameters))
+
+
+def prepare_data(config: ExperimentConfig) -> PreparedData:
+    """Load the dataset and backbone and return the embeddings, from the cache when possible.
+
+    Runs wherever it is called; `run_experiment` calls it as a Ray task.
+    """
+    from models.backbones import PREPROCESSING_VERSION, build_feature_extractor, load_backbone
+    from models.datasets import load_dataset
+    from models.features import Embeddings, compute_embeddings, embedding_cache_key, load_cached_embeddings, save_embeddings
+
+    cache_dir = config.cache_path()
+    dataset = load_dataset(
+        config.dataset.name, classes=config.dataset.classes,
+        validation_split=config.dataset.validation_split, seed=config.dataset.seed,
+    )
+    backbone = _load_backbone(config, load_backbone, load_dataset)
+    key = embedding_cache_key(backbone.weights_key, dataset, config.backbone.image_size, PREPROCESSING_VERSION)
+
+    embeddings = load_cached_embeddings(cache_dir, key)
+    cache_hit = embeddings is not None
+    if embeddings is None:
+        started = time.monotonic()
+        extractor = build_feature_extractor(dataset.x_train.shape[1:], dataset.value_range, config.backbone.image_size, backbone.cnn)
+        embeddings = Embeddings(train=compute_embeddings(extractor, dataset.x_train), val=compute_embeddings(extractor, dataset.x_val))
+        save_embeddings(cache_dir, key, embeddings)
+        logger.info("computed embeddings for %d images in %.1f s", len(dataset.x_train) + len(dataset.x_val), time.monotonic() - started)
+    else:
+        logger.info("reused cached embeddings %s", key)
+
+    return PreparedData(
+        embeddings=EmbeddingData.from_arrays(embeddings.train, dataset.y_train, embeddings.val, dataset.y_val, len(dataset.class_names)),
+        class_names=list(dataset.class_names),
+        raw_shape=tuple(dataset.x_train.shape[1:]),
+        value_range=tuple(dataset.value_range),
+        backbone_cache_hit=backbone.cache_hit,
+        embedding_cache_hit=cache_hit,
+        embedding_cache_path=str(cache_dir / "embeddings" / f"{key}.npz"),
+    )
+
+
+def _load_backbone(config: ExperimentConfig, load_backbone: Any, load_dataset: Any) -> Any:
+    backbone_config = config.backbone
+    if backbone_config.weights == "none":
+        return load_backbone(backbone_config.name, weights="none", image_size=backbone_config.image_size, seed=backbone_config.pretrain.seed)
+    pretrain = backbone_config.pretrain
+    source = load_dataset(pretrain.dataset, classes=pretrain.classes, validation_split=pretrain.validation_split, seed=pretrain.seed)
+    return load_backbone(
+        backbone_config.name, weights="pretrained", image_size=backbone_config.image_size, seed=pretrain.seed,
+        source=source, epochs=pretrain.epochs, cache_dir=config.cache_path(),
+    )
+
+
+def start_ray(address: str | None, *, dashboard: bool = False) -> bool:
+    """Connect to the cluster at `address`, or start an embedded local Ray when it is None.
+
+    Returns True when this call started Ray (so the caller shuts it down).
+    A stale /tmp/ray/ray_current_cluster file can point a plain `ray.init()`
+    at a dead cluster, so the embedded Ray is always started as a new local instance.
+    """
+    if ray.is_initialized():
+        return False
+    for variable, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(variable, value)
+    runtime_env = {"env_vars": QUIET_ENVIRONMENT, "worker_process_setup_hook": "tuning.experiment.configure_worker_logging"}
+    if address is None:
+        ray.init(
+            address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
+            runtime_env=runtime_env, log_to_driver=True, configure_logging=False,
+        )
+    else:
+        try:
+            ray.init(address=address, runtime_env=runtime_env, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise ExperimentError(
+                f"cannot connect to Ray at {address!r}: {error}; check the address (auto, ray://HOST:10001 or HOST:6379) "
+                "and that the cluster is running"
+            ) from None
+    return True
+
+
+def run_experiment(config: ExperimentConfig, *, address: str | None = None, dashboard: bool = False) -> ExperimentOutcome:
+    """Run the whole experiment: prepare the embeddings, tune the head, write the outputs.
+
+    Raises:
+        ExperimentError: when the run folder already contains an experiment, Ray
+            cannot be reached, or every trial failed.
+    """
+    started = time.monotonic()
+    check_storage_writable(config)
+    run_dir = Path(config.run_dir()) if not config.is_remote_storage else None
+    if run_dir is not None and run_dir.exists() and any(run_dir.iterdir()):
+        raise ExperimentError(
+            f"{run_dir} already contains an experiment named {config.name!r}; choose another name with --name, "
+            "another --storage, or delete that folder"
+        )
+
+    started_ray = start_ray(address, dashboard=dashboard)
+    try:
+        logger.info("experiment %s: preparing embeddings (backbone %s, dataset %s)", config.name, config.backbone.name, config.dataset.name)
+        data = _prepare_on_cluster(config)
+        logger.info(
+            "embeddings: %d train and %d validation vectors of %d floats; backbone %s, embeddings %s",
+            len(data.embeddings.train), len(data.embeddings.val), data.embeddings.train.shape[1],
+            "reused from cache" if data.backbone_cache_hit else "trained", "reused from cache" if data.embedding_cache_hit else "computed",
+        )
+        results = _run_tuner(config, data)
+        return _write_outputs(config, data, results, time.monotonic() - started)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _prepare_on_cluster(config: ExperimentConfig) -> PreparedData:
+    # Ask for a GPU only when the cluster has one, so CPU-only clusters can schedule the task.
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(prepare_data)
+    return ray.get(task.remote(config))
+
+
+def _run_tuner(config: ExperimentConfig, data: PreparedData) -> tune.ResultGrid:
+    space = search_space(config)
+    search = config.search
+    searcher = GaussianProcessSearcher(
+        space, metric=search.metric, mode=search.mode, initial_points=search.initial_points,
+        acquisition_function=search.acquisition, seed=search.seed, points_to_evaluate=search.points_to_evaluate,
+    )
+    settings = TrialSettings(
+        metric=search.metric, mode=search.mode, max_epochs=config.training.max_epochs, patience=config.training.patience,
+        fixed_hyperparameters=dict(config.head), cpus_per_trial=config.resources.cpus_per_trial,
+        gpus_per_trial=config.resources.gpus_per_trial, seed=search.seed or 0,
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(train_head, data=data.embeddings, settings=settings),
+        {"cpu": config.resources.cpus_per_trial, "gpu": config.resources.gpus_per_trial},
+    )
+    if config.scheduler.name == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration", max_t=config.training.max_epochs,
+            grace_period=min(config.scheduler.grace_period, config.training.max_epochs),
+            reduction_factor=config.scheduler.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=search.metric, mode=search.mode, search_alg=ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent),
+            scheduler=scheduler, num_samples=search.num_trials, trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=config.name, storage_path=config.storage_path(), verbose=0,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=search.metric, checkpoint_score_order=search.mode),
+            callbacks=[ProgressLogger(search.num_trials, search.metric, search.mode)],
+        ),
+    )
+    logger.info(
+        "experiment %s: %d trials, at most %d at a time, %s search on %s",
+        config.name, search.num_trials, search.max_concurrent, search.acquisition, ", ".join(space.names),
+    )
+    return tuner.fit()
+
+
+def trial_dirname(trial: Any) -> str:
+    """Name a trial's folder by its number and hyperparameter values, e.g. `00003_learning_rate=0.0012_units_1=128`.
+
+    The number is Ray's trial counter, which starts at 1 in the order trials are created.
+    """
+    counter = str(trial.experiment_tag).split("_", 1)[0]
+    number = f"{int(counter):05d}" if counter.isdigit() else counter
+    parts = [f"{name}={_format_value(value)}" for name, value in sorted(trial.config.items())]
+    name = "_".join([number, *parts])
+    return name[:MAX_TRIAL_DIRNAME].replace("/", "-")
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+class ProgressLogger(tune.Callback):
+    """Log one line per finished or failed trial with the best value so far."""
+
+    def __init__(self, num_trials: int, metric: str, mode: str) -> None:
+        self._num_trials = num_trials
+        self._metric = metric
+        self._sign = -1.0 if mode == "min" else 1.0
+        self._finished = 0
+        self._best: float | None = None
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finished += 1
+        value = trial.last_result.get(f"best_{self._metric}")
+        if value is not None and (self._best is None or self._sign * value > self._sign * self._best):
+            self._best = value
+        logger.info(
+            "trial %d/%d finished (%s): %s %.4f after %s epochs, val_accuracy %.4f; best so far %.4f",
+            self._finished, self._num_trials, trial.trial_id, self._metric, value if value is not None else float("nan"),
+            trial.last_result.get("epoch"), trial.last_result.get("best_val_accuracy", float("nan")),
+            self._best if self._best is not None else float("nan"),
+        )
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finished += 1
+        logger.warning("trial %d/%d failed (%s): %s", self._finished, self._num_trials, trial.trial_id, _first_line(trial))
+
+
+def _first_line(trial: Any) -> str:
+    error_file = getattr(trial, "error_file", None)
+    if error_file and os.path.exists(error_file):
+        lines = [line for line in Path(error_file).read_text().splitlines() if line.strip()]
+        return lines[-1] if lines else "unknown error"
+    return "unknown error"
+
+
+def _write_outputs(config: ExperimentConfig, data: PreparedData, results: tune.ResultGrid, elapsed: float) -> ExperimentOutcome:
+    frame = report.results_frame(results, search_space(config).names, config.search.metric)
+    finished = frame[frame["status"] == "TERMINATED"]
+    if finished.empty:
+        raise ExperimentError(f"all {len(frame)} trials failed; see the errors in {config.run_dir()} and fix the search space")
+
+    best_row = report.best_row(frame, config.search.metric, config.search.mode)
+    best_trial_id = str(best_row["trial_id"])
+    best_result = next(result for result in results if result.path == best_row["path"])
+    best_tuned = {name: _python_value(best_row[name]) for name in search_space(config).names}
+    best_hyperparameters = config.head_hyperparameters(best_tuned)
+    best_metrics = {name: _python_value(best_row[name]) for name in report.best_metric_columns(frame)}
+
+    run_dir = Path(config.run_dir())
+    report.write_csv(frame, run_dir / "results.csv")
+    _write_json(run_dir / "best_config.json", {
+        "trial_id": best_trial_id, "hyperparameters": best_hyperparameters, "metrics": best_metrics,
+        "metric": config.search.metric, "mode": config.search.mode,
+    })
+    report.plot_convergence(frame, config.search.metric, config.search.mode, run_dir / "convergence.png")
+    model_path = _export_best_model(config, data, best_result, best_hyperparameters, run_dir / "best_model.keras")
+    report.write_report(
+        frame, config, run_dir / "report.md", best_trial_id=best_trial_id, wall_seconds=elapsed, model_path=model_path,
+        data_summary=_data_summary(data),
+    )
+    logger.info("experiment %s finished in %.0f s; outputs in %s", config.name, elapsed, run_dir)
+    return ExperimentOutcome(
+        run_dir=run_dir, best_trial_id=best_trial_id, best_config=best_hyperparameters, best_metrics=best_metrics,
+        num_trials=len(frame), num_failed=int((frame["status"] != "TERMINATED").sum()), wall_seconds=elapsed, data=data,
+    )
+
+
+def _export_best_model(config: ExperimentConfig, data: PreparedData, best_result: Any, hyperparameters: dict[str, Any], path: Path) -> Path:
+    """Join the frozen backbone and the best trial's head into one model file."""
+    import math
+
+    from models.backbones import build_feature_extractor, load_backbone
+    from models.classifier import build_head, export_model
+    from models.datasets import load_dataset
+
+    checkpoint = best_result.checkpoint
+    if checkpoint is None:
+        raise ExperimentError(f"the best trial {best_result.metrics.get('trial_id')} kept no checkpoint; nothing to export")
+    embeddings = data.embeddings
+    steps_per_epoch = max(1, math.ceil(len(embeddings.train) / int(hyperparameters["batch_size"])))
+    head = build_head(embeddings.train.shape[1], embeddings.num_classes, embeddings.mean, embeddings.variance, hyperparameters, steps_per_epoch)
+    with checkpoint.as_directory() as folder:
+        head.load_weights(str(Path(folder) / HEAD_WEIGHTS_FILE))
+
+    backbone = _load_backbone(config, load_backbone, load_dataset)
+    extractor = build_feature_extractor(data.raw_shape, data.value_range, config.backbone.image_size, backbone.cnn)
+    metadata = {
+        "experiment": config.name, "backbone": config.backbone.name, "image_size": config.backbone.image_size,
+        "raw_shape": list(data.raw_shape), "value_range": list(data.value_range), "hyperparameters": hyperparameters,
+    }
+    return export_model(extractor, head, data.class_names, path, metadata=metadata)
+
+
+def _data_summary(data: PreparedData) -> dict[str, Any]:
+    return {
+        "train_images": len(data.embeddings.train), "validation_images": len(data.embeddings.val),
+        "embedding_size": int(data.embeddings.train.shape[1]), "classes": data.class_names,
+        "backbone_cache_hit": data.backbone_cache_hit, "embedding_cache_hit": data.embedding_cache_hit,
+    }
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(content, indent=2, default=_python_value) + "\n")
+    os.replace(temporary, path)
+
+
+def _python_value(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -1,0 +1,182 @@
+"""The Ray Tune trainable: one trial trains one head on the cached embeddings."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import tune
+
+logger = logging.getLogger(__name__)
+
+HEAD_WEIGHTS_FILE = "head.weights.h5"
+TRIAL_STATE_FILE = "trial_state.json"
+
+
+@dataclass(frozen=True)
+class EmbeddingData:
+    """Embeddings and labels every trial trains on; shipped once through the object store."""
+
+    train: np.ndarray
+    y_train: np.ndarray
+    val: np.ndarray
+    y_val: np.ndarray
+    mean: np.ndarray
+    variance: np.ndarray
+    num_classes: int
+
+    @classmethod
+    def from_arrays(cls, train: np.ndarray, y_train: np.ndarray, val: np.ndarray, y_val: np.ndarray, num_classes: int) -> EmbeddingData:
+        """Bundle the arrays with the feature-wise statistics of the training embeddings."""
+        train = np.ascontiguousarray(train, dtype=np.float32)
+        return cls(
+            train=train,
+            y_train=np.asarray(y_train, dtype=np.int64),
+            val=np.ascontiguousarray(val, dtype=np.float32),
+            y_val=np.asarray(y_val, dtype=np.int64),
+            mean=train.mean(axis=0),
+            variance=train.var(axis=0),
+            num_classes=num_classes,
+        )
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """Settings every trial shares besides the data: stopping rule, fixed hyperparameters, resources."""
+
+    metric: str
+    mode: str
+    max_epochs: int
+    patience: int
+    fixed_hyperparameters: dict[str, Any]
+    cpus_per_trial: float
+    gpus_per_trial: float
+    seed: int = 0
+
+
+def train_head(config: dict[str, Any], data: EmbeddingData, settings: TrialSettings) -> None:
+    """Train one head for up to `max_epochs` epochs and report every epoch to Ray Tune.
+
+    Each report contains `loss`, `accuracy`, `val_loss`, `val_accuracy`, the
+    values of the best epoch so far under the search metric (`best_epoch`,
+    `best_val_loss`, ...), the node's address and the trial's start-up time.
+    A checkpoint of the head's weights is attached whenever the epoch is the
+    best so far, so the kept checkpoint is always the best epoch. Training
+    stops after `patience` epochs without improvement of the search metric.
+
+    Raises:
+        FloatingPointError: when the training or validation loss becomes NaN
+            or infinite, so the trial ends as failed with that reason.
+    """
+    started = time.monotonic()
+    _configure_tensorflow(settings.cpus_per_trial, settings.gpus_per_trial)
+
+    import keras
+
+    from models.classifier import build_head
+    from models.hyperparameters import HEAD_DEFAULTS
+
+    hyperparameters = {**HEAD_DEFAULTS, **settings.fixed_hyperparameters, **config}
+    hyperparameters = {name: value for name, value in hyperparameters.items() if name in HEAD_DEFAULTS}
+    batch_size = int(hyperparameters["batch_size"])
+    steps_per_epoch = max(1, math.ceil(len(data.train) / batch_size))
+    keras.utils.set_random_seed(_trial_seed(settings.seed, hyperparameters))
+    head = build_head(data.train.shape[1], data.num_classes, data.mean, data.variance, hyperparameters, steps_per_epoch)
+
+    first_epoch, best = 0, None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            head.load_weights(str(Path(folder) / HEAD_WEIGHTS_FILE))
+            state = json.loads((Path(folder) / TRIAL_STATE_FILE).read_text())
+        first_epoch, best = state["epoch"], state["best"]
+        logger.info("resuming trial from epoch %d", first_epoch)
+
+    node = _node_address()
+    startup_seconds = time.monotonic() - started
+    sign = -1.0 if settings.mode == "min" else 1.0
+    epochs_without_improvement = 0 if best is None else first_epoch - best["best_epoch"]
+
+    for epoch in range(first_epoch + 1, settings.max_epochs + 1):
+        epoch_started = time.monotonic()
+        history = head.fit(
+            data.train, data.y_train, batch_size=batch_size, epochs=1,
+            validation_data=(data.val, data.y_val), shuffle=True, verbose=0,
+        )
+        metrics = {name: float(values[-1]) for name, values in history.history.items()}
+        for name in ("loss", "val_loss"):
+            if not math.isfinite(metrics.get(name, math.nan)):
+                raise FloatingPointError(
+                    f"{name} became {metrics.get(name)} at epoch {epoch} "
+                    f"(learning_rate={hyperparameters['learning_rate']!r}); the head diverged"
+                )
+
+        value = metrics[settings.metric]
+        improved = best is None or sign * value > sign * best[f"best_{settings.metric}"]
+        if improved:
+            best = {"best_epoch": epoch, **{f"best_{name}": metric for name, metric in metrics.items()}}
+            epochs_without_improvement = 0
+        else:
+            epochs_without_improvement += 1
+
+        report = {
+            **metrics, **best, "epoch": epoch, "epoch_seconds": time.monotonic() - epoch_started,
+            "startup_seconds": startup_seconds, "node": node,
+        }
+        if improved:
+            with tempfile.TemporaryDirectory() as folder:
+                head.save_weights(str(Path(folder) / HEAD_WEIGHTS_FILE))
+                (Path(folder) / TRIAL_STATE_FILE).write_text(json.dumps({"epoch": epoch, "best": best, "hyperparameters": hyperparameters}))
+                tune.report(report, checkpoint=tune.Checkpoint.from_directory(folder))
+        else:
+            tune.report(report)
+
+        if epochs_without_improvement >= settings.patience:
+            break
+
+
+def _configure_tensorflow(cpus: float, gpus: float) -> None:
+    """Match TensorFlow's thread pools to the trial's CPUs and let GPU memory grow on demand.
+
+    Both settings only take effect before TensorFlow initialises its runtime,
+    so a reused worker keeps the values of its first trial.
+    """
+    threads = max(1, int(math.ceil(cpus)))
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(threads, 2))
+    except RuntimeError:
+        logger.debug("TensorFlow already initialised; thread pools left as they are")
+    if gpus > 0:
+        for device in tf.config.list_physical_devices("GPU"):
+            try:
+                tf.config.experimental.set_memory_growth(device, True)
+            except RuntimeError:
+                logger.debug("TensorFlow already initialised; memory growth left as it is on %s", device.name)
+
+
+def _trial_seed(seed: int, hyperparameters: dict[str, Any]) -> int:
+    """Derive a per-configuration seed, so a repeated configuration trains identically."""
+    text = json.dumps(hyperparameters, sort_keys=True, default=str)
+    return (zlib.crc32(text.encode()) + seed) % (2**31 - 1)
+
+
+def _node_address() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - the address only labels results; never fail a trial over it
+        return socket.gethostname()
