@@ -3,8 +3,9 @@
 A search space is a tuple of named parameters of four kinds: `uniform`,
 `loguniform`, `int` (inclusive bounds, optionally log-spaced) and `choice`.
 Each parameter maps a value to features in the unit cube for the Gaussian
-process: one feature for numeric kinds (log10 scale for log-spaced ones) and a
-one-hot block for `choice`. Decoding always returns a canonical value of the
+process: one feature for numeric kinds (log10 scale for log-spaced ones) and
+for a choice of three or more numbers (ordered by size), and a one-hot block
+for any other `choice`. Decoding always returns a canonical value of the
 declared type inside the declared bounds.
 """
 
@@ -62,9 +63,20 @@ class Parameter:
         return self.kind == "loguniform" or (self.kind == "int" and self.log)
 
     @property
+    def is_ordinal(self) -> bool:
+        """True for a choice of three or more numbers, such as batch sizes, which the GP orders by size."""
+        numeric = all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in self.values)
+        return self.kind == "choice" and numeric and len(self.values) >= 3
+
+    @property
     def width(self) -> int:
-        """Number of GP features this parameter occupies."""
-        return len(self.values) if self.kind == "choice" else 1
+        """Number of GP features this parameter occupies: one, or one per option of an unordered choice."""
+        return len(self.values) if self.kind == "choice" and not self.is_ordinal else 1
+
+    def _ranks(self) -> np.ndarray:
+        """Position of each option of an ordinal choice in [0, 1], evenly spaced by sorted order."""
+        order = np.argsort(np.argsort(np.array(self.values, dtype=float), kind="stable"), kind="stable")
+        return order / (len(self.values) - 1)
 
     @property
     def cardinality(self) -> int | None:
@@ -97,8 +109,39 @@ class Parameter:
             return float(min(max(10 ** (log_low + u * (log_high - log_low)), self.low), self.high))
         return float(self.low + u * (self.high - self.low))
 
+    def to_unit(self, value: Any) -> float:
+        """Return the centre of the part of [0, 1] that `from_unit` maps to `value`."""
+        if self.kind == "choice":
+            return (self.index_of(value) + 0.5) / len(self.values)
+        if self.kind == "int" and self.log:
+            log_low, log_high = math.log10(self.low - 0.5), math.log10(self.high + 0.5)
+            return (math.log10(value) - log_low) / (log_high - log_low)
+        if self.kind == "int":
+            return (int(value) - int(self.low) + 0.5) / self.cardinality
+        return float(self.to_features(value)[0])
+
+    def features_from_units(self, units: np.ndarray) -> np.ndarray:
+        """Vectorised `to_features(from_unit(u))` for a column of u values; returns (n, width)."""
+        units = np.clip(units, 0.0, 1.0)
+        if self.kind == "choice":
+            indices = np.minimum((units * len(self.values)).astype(int), len(self.values) - 1)
+            if self.is_ordinal:
+                return self._ranks()[indices][:, None]
+            return np.eye(len(self.values))[indices]
+        if self.kind == "int" and self.log:
+            log_low, log_high = math.log10(self.low - 0.5), math.log10(self.high + 0.5)
+            values = np.clip(np.round(10 ** (log_low + units * (log_high - log_low))), self.low, self.high)
+            positions = (np.log10(values) - math.log10(self.low)) / (math.log10(self.high) - math.log10(self.low))
+            return positions[:, None]
+        if self.kind == "int":
+            values = int(self.low) + np.minimum((units * self.cardinality).astype(int), self.cardinality - 1)
+            return ((values - self.low) / (self.high - self.low))[:, None]
+        return units[:, None]
+
     def to_features(self, value: Any) -> np.ndarray:
         """Encode a value as GP features in [0, 1]."""
+        if self.is_ordinal:
+            return np.array([self._ranks()[self.index_of(value)]])
         if self.kind == "choice":
             features = np.zeros(len(self.values))
             features[self.index_of(value)] = 1.0
@@ -111,6 +154,8 @@ class Parameter:
 
     def from_features(self, features: np.ndarray) -> Any:
         """Decode GP features to the nearest valid value of the declared type."""
+        if self.is_ordinal:
+            return self.values[int(np.argmin(np.abs(self._ranks() - float(features[0]))))]
         if self.kind == "choice":
             return self.values[int(np.argmax(features))]
         position = min(max(float(features[0]), 0.0), 1.0)
@@ -220,6 +265,14 @@ class SearchSpace:
     def from_unit(self, unit_row: np.ndarray) -> dict[str, Any]:
         """Map one row of the unit cube (one column per parameter) to a configuration."""
         return {parameter.name: parameter.from_unit(u) for parameter, u in zip(self.parameters, unit_row)}
+
+    def to_unit(self, config: dict[str, Any]) -> np.ndarray:
+        """Map a configuration to a row of the unit cube that `from_unit` maps back to it."""
+        return np.array([parameter.to_unit(config[parameter.name]) for parameter in self.parameters])
+
+    def features_from_units(self, units: np.ndarray) -> np.ndarray:
+        """Vectorised GP features of many unit-cube rows, shape (n, num_features)."""
+        return np.hstack([parameter.features_from_units(units[:, index]) for index, parameter in enumerate(self.parameters)])
 
     def to_features(self, config: dict[str, Any]) -> np.ndarray:
         return np.concatenate([parameter.to_features(config[parameter.name]) for parameter in self.parameters])
