@@ -260,14 +260,22 @@ def export_model(
         raise ValueError(f"metadata is not JSON-serializable: {error}; pass only str, numbers, lists and dicts.") from error
 
     extractor.trainable = False
+    # An uncompiled copy of the head, so the file carries no optimizer state; loading a
+    # compiled nested model makes Keras warn that it skips the optimizer's variables.
+    inference_head = keras.models.clone_model(head)
+    inference_head.set_weights(head.get_weights())
     inputs = keras.Input(shape=extractor.input_shape[1:], dtype="float32", name="raw_image")
     embeddings = extractor(inputs, training=False)
-    probabilities = head(embeddings)
+    probabilities = inference_head(embeddings)
     model = keras.Model(inputs, probabilities, name="frozen_tune_classifier")
 
     path.parent.mkdir(parents=True, exist_ok=True)
     file_descriptor, temporary_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".keras")
     os.close(file_descriptor)
+    # mkstemp creates the file readable by its owner only; give it the usual permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary_name, 0o666 & ~umask)
 
     try:
         model.save(temporary_name)

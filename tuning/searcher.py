@@ -24,6 +24,7 @@ from scipy.stats import qmc
 from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
 from sklearn.preprocessing import PowerTransformer
+from threadpoolctl import threadpool_limits
 
 from tuning.space import SearchSpace
 
@@ -71,8 +72,8 @@ class GaussianProcessSearcher(Searcher):
     space, with log-spaced parameters spread evenly over decades. After that,
     a GP with a Matern 5/2 kernel and one length scale per feature is fitted
     to the finished trials, and the acquisition function picks the next point.
-    Trials still running count as observations with the worst value seen so
-    far (a constant liar), so concurrent trials get different configurations.
+    Trials still running count as observations at the GP's own prediction
+    (a kriging believer), so concurrent trials get different configurations.
     Failed trials and trials whose metric is NaN or infinite are never
     registered. `mode="min"` is handled by negating the metric internally.
 
@@ -353,14 +354,40 @@ class GaussianProcessSearcher(Searcher):
         if self._space_exhausted(taken):
             return self._space.from_unit(self._rng.random(len(self._space.parameters)))
 
-        target_space = self._build_target_space()
+        with threadpool_limits(limits=1):
+            # The matrices are small (a few hundred rows), where BLAS threads cost more than they
+            # save; on 2 cores they made each suggestion several times slower.
+            target_space = self._build_target_space()
+            gp = self._fit_gp(target_space)
+            best_target = float(target_space.target.max())
+            if self._pending:
+                gp = self._condition_on_pending(gp, target_space)
+            acquisition_function = self._build_acquisition(best_target)
+            return self._maximise_acquisition(gp, acquisition_function, taken)
+
+    def _fit_gp(self, target_space: TargetSpace) -> GaussianProcessRegressor:
         gp = self._build_gp(target_space.dim)
         with warnings.catch_warnings():
             # sklearn warns when a length scale reaches a bound; that is expected for irrelevant parameters.
             warnings.simplefilter("ignore")
             gp.fit(target_space.params, target_space.target)
-        acquisition_function = self._build_acquisition(float(target_space.target.max()))
-        return self._maximise_acquisition(gp, acquisition_function, taken)
+        return gp
+
+    def _condition_on_pending(self, gp: GaussianProcessRegressor, target_space: TargetSpace) -> GaussianProcessRegressor:
+        """Add running trials to the GP at its own predicted mean (the "kriging believer").
+
+        The GP's uncertainty at a running trial's point collapses, so the
+        acquisition function looks elsewhere, while its mean and its fitted
+        length scales stay those of the real observations; a constant lie such
+        as the worst value seen would bend both.
+        """
+        features = np.array([self._space.to_features(config) for config in self._pending.values()])
+        believed = gp.predict(features)
+        conditioned = GaussianProcessRegressor(kernel=gp.kernel_, normalize_y=False, optimizer=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            conditioned.fit(np.vstack([target_space.params, features]), np.concatenate([target_space.target, believed]))
+        return conditioned
 
     def _maximise_acquisition(self, gp: GaussianProcessRegressor, acquisition_function: Any, taken: set[tuple]) -> dict[str, Any]:
         """Pick the unused configuration with the highest acquisition value among sampled candidates.
@@ -446,7 +473,7 @@ class GaussianProcessSearcher(Searcher):
         return np.clip(moved, 0.0, 1.0)
 
     def _build_target_space(self) -> TargetSpace:
-        """Register transformed observations, and constant-liar values for pending trials, as GP training data."""
+        """Register the transformed observations, one per distinct configuration, as GP training data."""
         grouped: dict[tuple, list[float]] = {}
         features_by_key: dict[tuple, np.ndarray] = {}
         for config, value in self._observations:
@@ -456,19 +483,10 @@ class GaussianProcessSearcher(Searcher):
 
         keys = list(grouped)
         targets = transform_targets(np.array([np.mean(grouped[key]) for key in keys]))
-        # The constant liar: a running trial counts as the worst value seen, which keeps the
-        # next suggestion away from it without pretending to know its result.
-        liar = targets.min()
-
         pbounds = {f"f{index}": (0.0, 1.0) for index in range(self._space.num_features)}
-        target_space = TargetSpace(None, pbounds, allow_duplicate_points=True)
+        target_space = TargetSpace(None, pbounds)
         for key, target in zip(keys, targets):
             target_space.register(features_by_key[key], float(target))
-        for config in self._pending.values():
-            key = self._space.key(config)
-            if key not in features_by_key:
-                features_by_key[key] = self._space.to_features(config)
-                target_space.register(features_by_key[key], float(liar))
         return target_space
 
     def _build_gp(self, dimensions: int) -> GaussianProcessRegressor:
