@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
+import yaml
 import logging
 import os
 import sys
 
 import click
 
-from tuning.config import ConfigError, check_storage_writable, load_experiment
+from tuning.config import ConfigError, check_datasets, check_run_folder, check_storage_writable, load_experiment
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,13 @@ def main(log_level: str) -> None:
 def run(experiment: str, address: str | None, num_trials: int | None, storage: str | None, name: str | None, dashboard: bool) -> None:
     """Run the tuning experiment described by the YAML file EXPERIMENT."""
     try:
-        config = load_experiment(experiment, {"search.num_trials": num_trials, "storage": storage, "name": name})
+        config = load_experiment(
+            experiment,
+            {"search.num_trials": num_trials, "storage": storage, "name": name},
+            option_names={"search.num_trials": "--num-trials", "storage": "--storage", "name": "--name"},
+        )
+        check_run_folder(config)
+        check_datasets(config)
         check_storage_writable(config)
     except ConfigError as error:
         click.echo(f"error: {error}", err=True)
@@ -75,13 +81,17 @@ def run(experiment: str, address: str | None, num_trials: int | None, storage: s
 @main.command()
 @click.argument("experiment", type=click.Path(dir_okay=False, path_type=str))
 def check(experiment: str) -> None:
-    """Validate EXPERIMENT and print it with every default filled in."""
+    """Validate EXPERIMENT, including its datasets, and print it as YAML with every default filled in."""
     try:
         config = load_experiment(experiment)
+        check_datasets(config)
     except ConfigError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_INVALID_INPUT)
-    click.echo(json.dumps(config.model_dump(), indent=2, default=str))
+    resolved = config.model_dump()
+    resolved["cache_dir"] = str(config.cache_path())
+    resolved["storage"] = config.storage_path()
+    click.echo(yaml.safe_dump(resolved, sort_keys=False), nl=False)
 
 
 if __name__ == "__main__":

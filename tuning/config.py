@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -283,7 +284,8 @@ class ExperimentConfig(_Strict):
 def _hyperparameter_problems(name: str, parameter: Any) -> list[str]:
     """Check that `name` is a head hyperparameter and that `parameter`'s range suits it."""
     if name not in HEAD_HYPERPARAMETERS:
-        return [f"unknown hyperparameter {name!r}{_did_you_mean(name, HEAD_HYPERPARAMETERS)}; the head accepts: {', '.join(HEAD_HYPERPARAMETERS)}"]
+        # Reported by _unknown_hyperparameters, which runs even when other fields are invalid.
+        return []
 
     if name in CATEGORICAL_HYPERPARAMETERS:
         accepted = CATEGORICAL_HYPERPARAMETERS[name]
@@ -335,7 +337,9 @@ def _format_validation_error(error: ValidationError) -> list[str]:
         elif item["type"] == "missing":
             message = "required key is missing"
         elif item["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            message = f"parameter type must be one of {', '.join(PARAMETER_MODELS)}"
+            tag = item.get("ctx", {}).get("tag")
+            given = f"unknown parameter type {tag!r}; " if tag is not None else "missing key 'type'; "
+            message = f"{given}the type must be one of {', '.join(PARAMETER_MODELS)}"
 
         value = item.get("input")
         shown = ""
@@ -358,28 +362,61 @@ def _accepted_keys(location: tuple[Any, ...]) -> list[str]:
     return []
 
 
-def parse_experiment(data: Any, source: str = "experiment") -> ExperimentConfig:
+def _unknown_hyperparameters(data: dict[str, Any]) -> list[str]:
+    """List the names in `search.space` and `head` that are not head hyperparameters."""
+    lines = []
+    search = data.get("search")
+    sections = [("search.space", search.get("space") if isinstance(search, dict) else None), ("head", data.get("head"))]
+    for prefix, section in sections:
+        if not isinstance(section, dict):
+            continue
+        for name in section:
+            if name not in HEAD_HYPERPARAMETERS:
+                lines.append(
+                    f"{prefix}.{name}: unknown hyperparameter{_did_you_mean(str(name), HEAD_HYPERPARAMETERS)}; "
+                    f"the head accepts: {', '.join(HEAD_HYPERPARAMETERS)}"
+                )
+    return lines
+
+
+def parse_experiment(data: Any, source: str = "experiment", option_names: dict[str, str] | None = None) -> ExperimentConfig:
     """Validate already-parsed YAML data.
+
+    Args:
+        data: The parsed YAML document.
+        source: Name of the file, used in messages.
+        option_names: Dotted keys that came from command-line options, mapped
+            to the option (e.g. `{"name": "--name"}`), so their errors name the option.
 
     Raises:
         ConfigError: listing every problem with its field path.
     """
+    if data is None:
+        raise ConfigError(f"{source} is empty; an experiment file needs at least name and search (see examples/quickstart.yaml)")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the experiment file must be a mapping of keys (name, dataset, search, ...), got {type(data).__name__}")
+
+    lines = _unknown_hyperparameters(data)
     try:
-        return ExperimentConfig.model_validate(data)
+        config = ExperimentConfig.model_validate(data)
     except ValidationError as error:
-        lines = _format_validation_error(error)
-        raise ConfigError(f"{source} is invalid:\n" + "\n".join(f"  {line}" for line in lines)) from None
+        lines += _format_validation_error(error)
+        config = None
+    if lines:
+        for dotted, option in (option_names or {}).items():
+            lines = [f"{line} (set by {option})" if line.startswith(f"{dotted}:") else line for line in lines]
+        raise ConfigError(f"{source} is invalid:\n" + "\n".join(f"  {line}" for line in lines))
+    return config
 
 
-def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None, option_names: dict[str, str] | None = None) -> ExperimentConfig:
     """Read and validate an experiment file.
 
     Args:
         path: The YAML file.
         overrides: Dotted keys to replace before validation, e.g.
-            `{"search.num_trials": 4, "storage": "/tmp/runs"}`.
+            `{"search.num_trials": 4, "storage": "/tmp/runs"}`; None values are skipped.
+        option_names: The command-line option behind each override, named in errors.
 
     Raises:
         ConfigError: for a missing or unreadable file, invalid YAML or any schema error.
@@ -405,19 +442,66 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
                 if not isinstance(target, dict):
                     raise ConfigError(f"{path}: {part} must be a mapping to override {dotted}")
             target[last] = value
-    return parse_experiment(data, source=str(path))
+    return parse_experiment(data, source=str(path), option_names=option_names)
 
 
 def check_storage_writable(config: ExperimentConfig) -> None:
-    """Raise ConfigError unless a local storage folder exists and is writable, or can be created."""
+    """Create the local storage folder if needed and write a probe file in it.
+
+    Permission bits alone do not tell (root passes every check, and /proc
+    refuses new folders whatever its bits say), so the probe is a real write.
+
+    Raises:
+        ConfigError: naming the storage value and the fix.
+    """
     if config.is_remote_storage:
         return
     folder = Path(config.storage_path())
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".frozen-tune-probe-"):
+            pass
+    except OSError as error:
         raise ConfigError(
-            f"storage: {config.storage!r} is not writable ({existing} is not a writable folder); "
+            f"storage: {config.storage!r} is not writable ({error.strerror or error}); "
             "pass --storage with a folder you can write to"
-        )
+        ) from None
+
+
+def check_run_folder(config: ExperimentConfig) -> None:
+    """Reject a run whose local folder already contains an experiment.
+
+    Raises:
+        ConfigError: naming the folder, whether that run finished, and the choices.
+    """
+    if config.is_remote_storage:
+        return
+    run_dir = Path(config.run_dir())
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return
+    state = "a finished" if (run_dir / "results.csv").exists() else "an unfinished (interrupted or running)"
+    raise ConfigError(
+        f"{run_dir} already contains {state} experiment named {config.name!r}; "
+        "choose a new name with --name or another --storage, or delete that folder"
+    )
+
+
+def check_datasets(config: ExperimentConfig) -> None:
+    """Load the tuned dataset and the pretraining source once, so wrong classes or splits stop the run early.
+
+    Raises:
+        ConfigError: naming the dataset field and the problem.
+    """
+    from models.datasets import load_dataset
+
+    checks = [("dataset", config.dataset)]
+    if config.backbone.weights == "pretrained":
+        pretrain = config.backbone.pretrain
+        checks.append(("backbone.pretrain", DatasetConfig(
+            name=pretrain.dataset, classes=pretrain.classes, validation_split=pretrain.validation_split, seed=pretrain.seed,
+        )))
+    for field, dataset in checks:
+        try:
+            load_dataset(dataset.name, classes=dataset.classes, validation_split=dataset.validation_split, seed=dataset.seed)
+        except (ValueError, OSError) as error:
+            raise ConfigError(f"{field}: {error}") from None

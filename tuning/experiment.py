@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +18,15 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from tuning import report
-from tuning.config import ExperimentConfig, check_storage_writable
+from tuning.config import ExperimentConfig, check_run_folder, check_storage_writable
 from tuning.searcher import GaussianProcessSearcher
 from tuning.space import Parameter, SearchSpace
 from tuning.trainable import HEAD_WEIGHTS_FILE, EmbeddingData, TrialSettings, train_head
 
 logger = logging.getLogger(__name__)
+
+# Seconds to wait for a TCP connection to a cluster address before giving up.
+CONNECT_TIMEOUT_SECONDS = 5
 
 # Maximum length of a trial folder name; most file systems allow 255 bytes.
 MAX_TRIAL_DIRNAME = 180
@@ -153,6 +157,7 @@ def start_ray(address: str | None, *, dashboard: bool = False) -> bool:
             runtime_env=runtime_env, log_to_driver=True, configure_logging=False,
         )
     else:
+        _check_reachable(address)
         try:
             ray.init(address=address, runtime_env=runtime_env, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as error:
@@ -163,21 +168,38 @@ def start_ray(address: str | None, *, dashboard: bool = False) -> bool:
     return True
 
 
+def _check_reachable(address: str) -> None:
+    """Fail within seconds when nothing listens at a HOST:PORT or ray://HOST:PORT address.
+
+    `ray.init` retries an unreachable address for minutes before it gives up.
+    """
+    if address == "auto":
+        return
+    host_port = address.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise ExperimentError(f"invalid Ray address {address!r}; use auto, HOST:PORT (e.g. 10.0.0.5:6379) or ray://HOST:10001")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_SECONDS):
+            pass
+    except OSError as error:
+        raise ExperimentError(
+            f"cannot reach Ray at {address!r}: {error.strerror or error}; check that the cluster is running "
+            "and that this machine can reach that host and port"
+        ) from None
+
+
 def run_experiment(config: ExperimentConfig, *, address: str | None = None, dashboard: bool = False) -> ExperimentOutcome:
     """Run the whole experiment: prepare the embeddings, tune the head, write the outputs.
 
     Raises:
-        ExperimentError: when the run folder already contains an experiment, Ray
-            cannot be reached, or every trial failed.
+        ConfigError: when the run folder already contains an experiment or
+            the storage is not writable.
+        ExperimentError: when Ray cannot be reached or every trial failed.
     """
     started = time.monotonic()
+    check_run_folder(config)
     check_storage_writable(config)
-    run_dir = Path(config.run_dir()) if not config.is_remote_storage else None
-    if run_dir is not None and run_dir.exists() and any(run_dir.iterdir()):
-        raise ExperimentError(
-            f"{run_dir} already contains an experiment named {config.name!r}; choose another name with --name, "
-            "another --storage, or delete that folder"
-        )
 
     started_ray = start_ray(address, dashboard=dashboard)
     try:
@@ -240,8 +262,9 @@ def _run_tuner(config: ExperimentConfig, data: PreparedData) -> tune.ResultGrid:
         ),
     )
     logger.info(
-        "experiment %s: %d trials, at most %d at a time, %s search on %s",
-        config.name, search.num_trials, search.max_concurrent, search.acquisition, ", ".join(space.names),
+        "experiment %s: %d %s, at most %d at a time, %s search on %s",
+        config.name, search.num_trials, "trial" if search.num_trials == 1 else "trials", search.max_concurrent,
+        search.acquisition, ", ".join(space.names),
     )
     return tuner.fit()
 
@@ -251,11 +274,15 @@ def trial_dirname(trial: Any) -> str:
 
     The number is Ray's trial counter, which starts at 1 in the order trials are created.
     """
-    counter = str(trial.experiment_tag).split("_", 1)[0]
-    number = f"{int(counter):05d}" if counter.isdigit() else counter
     parts = [f"{name}={_format_value(value)}" for name, value in sorted(trial.config.items())]
-    name = "_".join([number, *parts])
+    name = "_".join([trial_number(trial), *parts])
     return name[:MAX_TRIAL_DIRNAME].replace("/", "-")
+
+
+def trial_number(trial: Any) -> str:
+    """Return Ray's trial counter as five digits, the number used in folder names and results.csv."""
+    counter = str(trial.experiment_tag).split("_", 1)[0]
+    return f"{int(counter):05d}" if counter.isdigit() else counter
 
 
 def _format_value(value: Any) -> str:
@@ -276,19 +303,23 @@ class ProgressLogger(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finished += 1
-        value = trial.last_result.get(f"best_{self._metric}")
+        result = trial.last_result
+        value = result.get(f"best_{self._metric}")
         if value is not None and (self._best is None or self._sign * value > self._sign * self._best):
             self._best = value
         logger.info(
-            "trial %d/%d finished (%s): %s %.4f after %s epochs, val_accuracy %.4f; best so far %.4f",
-            self._finished, self._num_trials, trial.trial_id, self._metric, value if value is not None else float("nan"),
-            trial.last_result.get("epoch"), trial.last_result.get("best_val_accuracy", float("nan")),
-            self._best if self._best is not None else float("nan"),
+            "trial %s (%s) finished, %d of %d done: %s %.4f at best epoch %s of %s, val_accuracy %.4f; best so far %.4f",
+            trial_number(trial), trial.trial_id, self._finished, self._num_trials, self._metric,
+            value if value is not None else float("nan"), result.get("best_epoch"), result.get("epoch"),
+            result.get("best_val_accuracy", float("nan")), self._best if self._best is not None else float("nan"),
         )
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finished += 1
-        logger.warning("trial %d/%d failed (%s): %s", self._finished, self._num_trials, trial.trial_id, _first_line(trial))
+        logger.warning(
+            "trial %s (%s) failed, %d of %d done: %s",
+            trial_number(trial), trial.trial_id, self._finished, self._num_trials, _first_line(trial),
+        )
 
 
 def _first_line(trial: Any) -> str:

@@ -152,7 +152,7 @@ def write_report(
         f"- Backbone: `{config.backbone.name}` ({config.backbone.weights} weights), image size {config.backbone.image_size}, "
         f"embeddings of {data_summary['embedding_size']} floats "
         f"({'from the cache' if data_summary['embedding_cache_hit'] else 'computed in this run'})",
-        f"- Search: Gaussian process with `{config.search.acquisition}`, {config.search.initial_points} initial random points, "
+        f"- Search: Gaussian process with `{config.search.acquisition}`, {config.search.initial_points} initial space-filling random points (Latin hypercube), "
         f"metric `{metric}` ({mode}), at most {config.search.max_concurrent} trials at a time, seed {config.search.seed}",
         f"- Training: at most {config.training.max_epochs} epochs, early stop after {config.training.patience} epochs "
         f"without improvement; scheduler `{config.scheduler.name}`",

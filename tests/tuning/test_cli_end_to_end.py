@@ -160,6 +160,6 @@ def test_existing_run_folder_rejected(first_run):
 
     completed = run_cli(experiment, folder / "runs", folder / "cache")
 
-    assert completed.returncode == 1
-    assert "already contains an experiment" in completed.stderr
+    assert completed.returncode == 2
+    assert "already contains a finished experiment" in completed.stderr
     assert "--name" in completed.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuning.config import ConfigError, load_experiment, parse_experiment
+from tuning.config import ConfigError, check_datasets, load_experiment, parse_experiment
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 QUICKSTART = REPOSITORY / "examples" / "quickstart.yaml"
@@ -57,7 +57,7 @@ MALFORMED = [
     ("low above high", changed("search.space.dropout", {"type": "uniform", "low": 0.5, "high": 0.1}), "search.space.dropout: low must be < high"),
     ("loguniform from 0", changed("search.space.l2", {"type": "loguniform", "low": 0.0, "high": 0.1}), "search.space.l2: loguniform needs low > 0"),
     ("empty choice", changed("search.space.batch_size", {"type": "choice", "values": []}), "search.space.batch_size.values"),
-    ("unknown type", changed("search.space.dropout", {"type": "normal", "low": 0, "high": 1}), "parameter type must be one of"),
+    ("unknown type", changed("search.space.dropout", {"type": "normal", "low": 0, "high": 1}), "unknown parameter type 'normal'"),
     ("misspelt bound", changed("search.space.dropout", {"type": "uniform", "low": 0, "hihg": 1}), "did you mean 'high'"),
     ("fractional units", changed("search.space.units_1", {"type": "uniform", "low": 8, "high": 64}), "units_1 takes whole numbers"),
     ("dropout of 1", changed("search.space.dropout", {"type": "uniform", "low": 0.0, "high": 1.0}), "dropout value 1.0 must be in [0, 1)"),
@@ -79,6 +79,46 @@ def test_malformed_experiment_names_field(data, expected):
         parse_experiment(data)
 
     assert expected in str(raised.value)
+
+
+def test_every_problem_reported_together():
+    data = changed("trainng", {"max_epochs": 3})
+    data["search"]["space"]["dropout"] = {"type": "uniform", "low": 0.9, "high": 0.1}
+    data["search"]["space"]["units_22"] = data["search"]["space"].pop("units_2")
+
+    with pytest.raises(ConfigError) as raised:
+        parse_experiment(data)
+    message = str(raised.value)
+
+    assert "trainng: unknown key (did you mean 'training'?)" in message
+    assert "search.space.dropout: low must be < high" in message
+    assert "search.space.units_22: unknown hyperparameter (did you mean 'units_2'?)" in message
+
+
+def test_override_errors_name_the_option():
+    with pytest.raises(ConfigError) as raised:
+        load_experiment(QUICKSTART, {"name": "a b", "search.num_trials": 0}, option_names={"name": "--name", "search.num_trials": "--num-trials"})
+
+    assert "(set by --name)" in str(raised.value)
+    assert "(set by --num-trials)" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("dataset.classes", [5, 6, 19], "dataset: "),
+        ("backbone.pretrain.classes", [0, 1, 42], "backbone.pretrain: "),
+    ],
+    ids=["tuned classes", "pretrain classes"],
+)
+def test_classes_missing_from_dataset(path, value, expected):
+    config = parse_experiment(changed(path, value))
+
+    with pytest.raises(ConfigError) as raised:
+        check_datasets(config)
+
+    assert str(raised.value).startswith(expected)
+    assert str(value[-1]) in str(raised.value)
 
 
 def test_quickstart_is_valid():
@@ -111,7 +151,7 @@ def test_overrides_replace_values(tmp_path):
     [
         ("name: [unclosed", "not valid YAML"),
         ("- just\n- a list\n", "must be a mapping"),
-        ("", "must be a mapping"),
+        ("", "is empty"),
     ],
     ids=["broken yaml", "list", "empty file"],
 )
@@ -156,3 +196,25 @@ def test_cli_rejects_unwritable_storage(tmp_path):
 
     assert completed.returncode == 2
     assert "not writable" in completed.stderr
+
+
+def test_cli_rejects_storage_under_proc(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "tuning", "run", str(QUICKSTART), "--storage", "/proc/frozen-tune-runs"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "FROZEN_TUNE_CACHE": str(tmp_path / "cache")},
+    )
+
+    assert completed.returncode == 2
+    assert "storage: '/proc/frozen-tune-runs' is not writable" in completed.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cli_unreachable_address_fails_fast(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "tuning", "run", str(QUICKSTART), "--storage", str(tmp_path / "runs"), "--address", "127.0.0.1:1"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "FROZEN_TUNE_CACHE": str(tmp_path / "cache")},
+    )
+
+    assert completed.returncode == 1
+    assert "cannot reach Ray at '127.0.0.1:1'" in completed.stderr
+    assert "Traceback" not in completed.stderr
