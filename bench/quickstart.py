@@ -1,10 +1,10 @@
 """Time the 30-trial quickstart and check the accuracy of the model it exports.
 
-Runs `frozen-tune run examples/quickstart.yaml` in a fresh process (so the time
-includes Ray's start, the backbone and embeddings, every trial and the
-outputs), then reads results.csv for the per-trial split into start-up and
-training, and evaluates best_model.keras on the validation images of digits
-5-9 with plain `keras.models.load_model`.
+Runs `frozen-tune run examples/quickstart.yaml` in a fresh process, so the time
+includes Ray's start, the backbone and embeddings, every trial and the outputs.
+Then it reads results.csv for the per-trial split into start-up and training,
+and evaluates best_model.keras on the validation images of digits 5-9 with
+plain `keras.models.load_model`.
 
     python bench/quickstart.py --storage /tmp/bench-runs [--cold-cache]
 
