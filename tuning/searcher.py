@@ -56,6 +56,7 @@ LENGTH_SCALE_BOUNDS = (1e-2, 1e2)
 LENGTH_SCALE_PRIOR_MEDIAN = 0.5
 LENGTH_SCALE_PRIOR_SD = 1.0
 GP_RESTARTS = 2
+MAX_OBSERVATIONS_FOR_RESTARTS = 100
 
 # Below this many distinct observations the targets are only standardised.
 MIN_OBSERVATIONS_FOR_TRANSFORM = 3
@@ -150,6 +151,7 @@ class GaussianProcessSearcher(Searcher):
         self._failed_trials: dict[str, str] = {}
         self._exhausted_warned = False
         self._gp_announced = False
+        self._kernel_theta: np.ndarray | None = None
 
         if space is not None:
             self._set_space(space)
@@ -366,11 +368,12 @@ class GaussianProcessSearcher(Searcher):
             return self._maximise_acquisition(gp, acquisition_function, taken)
 
     def _fit_gp(self, target_space: TargetSpace) -> GaussianProcessRegressor:
-        gp = self._build_gp(target_space.dim)
+        gp = self._build_gp(target_space.dim, len(target_space))
         with warnings.catch_warnings():
             # sklearn warns when a length scale reaches a bound; that is expected for irrelevant parameters.
             warnings.simplefilter("ignore")
             gp.fit(target_space.params, target_space.target)
+        self._kernel_theta = gp.kernel_.theta
         return gp
 
     def _condition_on_pending(self, gp: GaussianProcessRegressor, target_space: TargetSpace) -> GaussianProcessRegressor:
@@ -489,15 +492,22 @@ class GaussianProcessSearcher(Searcher):
             target_space.register(features_by_key[key], float(target))
         return target_space
 
-    def _build_gp(self, dimensions: int) -> GaussianProcessRegressor:
+    def _build_gp(self, dimensions: int, num_observations: int) -> GaussianProcessRegressor:
         kernel = ConstantKernel(1.0, (1e-2, 1e2)) * Matern(
             length_scale=np.full(dimensions, LENGTH_SCALE_PRIOR_MEDIAN), length_scale_bounds=LENGTH_SCALE_BOUNDS, nu=2.5
         ) + WhiteKernel(1e-3, (1e-6, 1e-1))
+        # The previous fit's hyperparameters are a good start for this one; with many
+        # observations each restart costs O(n^3), so only the warm start remains.
+        restarts = GP_RESTARTS
+        if self._kernel_theta is not None and len(self._kernel_theta) == len(kernel.theta):
+            kernel = kernel.clone_with_theta(self._kernel_theta)
+            if num_observations > MAX_OBSERVATIONS_FOR_RESTARTS:
+                restarts = 0
         return GaussianProcessRegressor(
             kernel=kernel,
             normalize_y=False,
             optimizer=_map_optimizer(dimensions),
-            n_restarts_optimizer=GP_RESTARTS,
+            n_restarts_optimizer=restarts,
             random_state=int(self._rng.integers(2**31 - 1)),
         )
 
