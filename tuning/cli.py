@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from tuning.config import ConfigError, check_datasets, check_run_folder, check_storage_writable, load_experiment
+from tuning.config import ConfigError, check_datasets, check_run_folder, check_storage_writable, load_experiment, load_warm_start
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ def run(experiment: str, address: str | None, num_trials: int | None, storage: s
         )
         check_run_folder(config)
         check_datasets(config)
+        load_warm_start(config)
         check_storage_writable(config)
     except ConfigError as error:
         click.echo(f"error: {error}", err=True)

@@ -157,6 +157,7 @@ class SearchConfig(_Strict):
     seed: int | None = 0
     space: dict[str, ParameterConfig] = Field(min_length=1)
     points_to_evaluate: list[dict[str, Any]] = []
+    warm_start: str | None = None
 
     @field_validator("metric")
     @classmethod
@@ -505,3 +506,83 @@ def check_datasets(config: ExperimentConfig) -> None:
             load_dataset(dataset.name, classes=dataset.classes, validation_split=dataset.validation_split, seed=dataset.seed)
         except (ValueError, OSError) as error:
             raise ConfigError(f"{field}: {error}") from None
+
+
+def load_warm_start(config: ExperimentConfig) -> list[tuple[dict[str, Any], float]]:
+    """Read the finished trials of an earlier run's results.csv named by `search.warm_start`.
+
+    The file must have a column for every parameter of the current search
+    space and `best_<metric>`; it must not tune a head hyperparameter that
+    the current space leaves out, and every value must lie inside the current
+    bounds. Failed trials and non-finite values are skipped.
+
+    Returns:
+        (configuration, metric value) pairs, in the metric's own sign.
+
+    Raises:
+        ConfigError: naming the file and the difference from the current space.
+    """
+    if config.search.warm_start is None:
+        return []
+    import math
+
+    import pandas as pd
+
+    path = Path(config.search.warm_start).expanduser()
+    field = f"search.warm_start: {str(path)!r}"
+    if not path.is_file():
+        raise ConfigError(f"{field} not found; give the results.csv of an earlier run")
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{field} is not a readable CSV file: {error}") from None
+
+    space = config.search.space
+    metric_column = f"best_{config.search.metric}"
+    missing = [name for name in [*space, metric_column] if name not in frame.columns]
+    if missing:
+        raise ConfigError(f"{field} has no column {', '.join(missing)}; the search space or metric changed since that run")
+    extra = [name for name in HEAD_HYPERPARAMETERS if name in frame.columns and name not in space]
+    if extra:
+        raise ConfigError(
+            f"{field} tuned {', '.join(extra)}, which the current search space does not; "
+            "add them to search.space or start without warm_start"
+        )
+
+    if "status" in frame.columns:
+        frame = frame[frame["status"] == "TERMINATED"]
+    observations = []
+    for index, row in frame.iterrows():
+        value = float(row[metric_column])
+        if not math.isfinite(value):
+            continue
+        point = {}
+        for name, parameter in space.items():
+            point[name] = _warm_start_value(row[name], parameter, f"{field}, row {index + 2}, {name}")
+        observations.append((point, value))
+    return observations
+
+
+def _warm_start_value(value: Any, parameter: Any, where: str) -> Any:
+    """Convert one cell to the parameter's type and check it against the current bounds."""
+    if isinstance(parameter, ChoiceParameter):
+        for option in parameter.values:
+            if str(option) == str(value) or (not isinstance(option, (str, bool)) and _is_number(value) and float(option) == float(value)):
+                return option
+        raise ConfigError(f"{where}: {value!r} is not one of the current choices {parameter.values}; the search space changed")
+    if not _is_number(value):
+        raise ConfigError(f"{where}: {value!r} is not a number")
+    number = float(value)
+    if not parameter.low <= number <= parameter.high:
+        raise ConfigError(
+            f"{where}: {number!r} is outside the current range [{parameter.low}, {parameter.high}]; the search space changed"
+        )
+    return int(round(number)) if isinstance(parameter, IntParameter) else number
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, bool)

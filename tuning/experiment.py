@@ -18,7 +18,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from tuning import report
-from tuning.config import ExperimentConfig, check_run_folder, check_storage_writable
+from tuning.config import ExperimentConfig, check_run_folder, check_storage_writable, load_warm_start
 from tuning.searcher import GaussianProcessSearcher
 from tuning.space import Parameter, SearchSpace
 from tuning.trainable import HEAD_WEIGHTS_FILE, EmbeddingData, TrialSettings, train_head
@@ -231,6 +231,11 @@ def _run_tuner(config: ExperimentConfig, data: PreparedData) -> tune.ResultGrid:
         space, metric=search.metric, mode=search.mode, initial_points=search.initial_points,
         acquisition_function=search.acquisition, seed=search.seed, points_to_evaluate=search.points_to_evaluate,
     )
+    warm_start = load_warm_start(config)
+    for point, value in warm_start:
+        searcher.add_evaluated_point(point, value)
+    if warm_start:
+        logger.info("warm start: registered %d finished trials from %s", len(warm_start), search.warm_start)
     settings = TrialSettings(
         metric=search.metric, mode=search.mode, max_epochs=config.training.max_epochs, patience=config.training.patience,
         fixed_hyperparameters=dict(config.head), cpus_per_trial=config.resources.cpus_per_trial,

@@ -145,6 +145,7 @@ class GaussianProcessSearcher(Searcher):
         self._points_to_evaluate: list[dict[str, Any]] = [dict(point) for point in points_to_evaluate or []]
         self._design: list[dict[str, Any]] = []
         self._random_suggestions = 0
+        self._added_points = 0
         self._observations: list[tuple[dict[str, Any], float]] = []
         self._pending: dict[str, dict[str, Any]] = {}
         self._best_reported: dict[str, float] = {}
@@ -184,7 +185,8 @@ class GaussianProcessSearcher(Searcher):
 
         if self._points_to_evaluate:
             config = self._space.canonical(self._points_to_evaluate.pop(0))
-        elif self._random_suggestions < self._initial_points or len(self._observations) < MIN_OBSERVATIONS_FOR_GP:
+        elif self._random_suggestions + self._added_points < self._initial_points or len(self._observations) < MIN_OBSERVATIONS_FOR_GP:
+            # Points added from an earlier run count towards the initial design.
             config = self._suggest_random()
         else:
             config = self._suggest_from_gp()
@@ -243,6 +245,7 @@ class GaussianProcessSearcher(Searcher):
         if problems:
             raise ValueError(f"evaluated point {parameters!r} does not fit the search space: {'; '.join(problems)}")
         self._observations.append((self._space.canonical(config), float(value)))
+        self._added_points += 1
 
     def get_state(self) -> dict[str, Any]:
         state = {key: value for key, value in self.__dict__.items()}

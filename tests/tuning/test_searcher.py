@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -227,3 +228,32 @@ def test_real_tuner_four_concurrent_trials(ray_local, tmp_path):
     assert results.get_best_result().metrics["loss"] == min(losses)
     assert sorted(value for _, value in searcher.observations) == sorted(losses)
 
+
+
+@pytest.mark.parametrize(("mode", "target"), [("min", 0.0), ("max", 2.0)])
+def test_optimum_on_boundary_reached(mode, target):
+    space = {"x": tune.uniform(0.0, 1.0), "y": tune.uniform(0.0, 1.0)}
+    searcher = GaussianProcessSearcher(space, metric="value", mode=mode, initial_points=5, seed=0)
+    values = []
+    for index in range(25):
+        config = searcher.suggest(f"t{index}")
+        values.append(config["x"] + config["y"])
+        searcher.on_trial_complete(f"t{index}", {"value": values[-1]})
+
+    best = min(values) if mode == "min" else max(values)
+    assert abs(best - target) < 0.02
+
+
+def test_exhausted_space_warns_once(caplog):
+    space = {"units_1": tune.randint(1, 3), "activation": tune.choice(["relu", "tanh"])}
+    searcher = GaussianProcessSearcher(space, metric="loss", mode="min", initial_points=2, seed=0)
+
+    with caplog.at_level(logging.WARNING, logger="tuning.searcher"):
+        for index in range(12):
+            config = searcher.suggest(f"t{index}")
+            assert config is not None
+            searcher.on_trial_complete(f"t{index}", {"loss": float(config["units_1"])})
+
+    warnings = [record for record in caplog.records if "every one of the 4 configurations" in record.message]
+    assert len(warnings) == 1
+    assert len(searcher.observations) == 12

@@ -1,0 +1,106 @@
+"""Warm start from an earlier run's results.csv, and the checks that the space still matches."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tuning.config import ConfigError, load_warm_start, parse_experiment
+from tuning.experiment import search_space
+from tuning.searcher import GaussianProcessSearcher
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
+
+EARLIER_RUN = pd.DataFrame({
+    "trial_number": [1, 2, 3, 4, 5, 6, 7],
+    "trial_id": ["a", "b", "c", "d", "e", "f", "g"],
+    "learning_rate": [1e-3, 3e-3, 1e-2, 3e-4, 5e-2, 2e-3, 1e-3],
+    "decay_rate": [0.1, 0.5, 0.9, 0.0, 0.3, 0.2, 0.4],
+    "dropout": [0.1, 0.2, 0.3, 0.0, 0.5, 0.25, 0.15],
+    "units_1": [128, 256, 64, 512, 32, 300, 200],
+    "units_2": [64, 16, 128, 256, 32, 100, 50],
+    "units_3": [16, 32, 64, 128, 16, 40, 20],
+    "l2": [1e-5, 1e-4, 1e-3, 1e-6, 1e-2, 5e-5, 2e-5],
+    "batch_size": [32, 64, 128, 256, 64, 32, 128],
+    "best_val_loss": [0.2, 0.1, 0.5, 0.3, float("nan"), 0.15, 0.4],
+    "status": ["TERMINATED", "TERMINATED", "TERMINATED", "TERMINATED", "TERMINATED", "TERMINATED", "ERROR"],
+})
+
+
+def config_with(tmp_path: Path, frame: pd.DataFrame, change=None):
+    path = tmp_path / "results.csv"
+    frame.to_csv(path, index=False)
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["search"]["warm_start"] = str(path)
+    if change:
+        change(data)
+    return parse_experiment(copy.deepcopy(data))
+
+
+def test_finished_trials_registered(tmp_path):
+    observations = load_warm_start(config_with(tmp_path, EARLIER_RUN))
+    values = [value for _, value in observations]
+
+    # The NaN row and the failed row are skipped.
+    assert values == [0.2, 0.1, 0.5, 0.3, 0.15]
+    assert observations[1][0]["units_1"] == 256
+    assert type(observations[1][0]["units_1"]) is int
+    assert observations[1][0]["batch_size"] == 64
+
+
+def test_warm_searcher_skips_random_phase(tmp_path, caplog):
+    config = config_with(tmp_path, EARLIER_RUN)
+    searcher = GaussianProcessSearcher(search_space(config), metric="val_loss", mode="min", initial_points=5, seed=0)
+    for point, value in load_warm_start(config):
+        searcher.add_evaluated_point(point, value)
+
+    with caplog.at_level(logging.INFO, logger="tuning.searcher"):
+        config_suggested = searcher.suggest("t0")
+
+    assert "now picks each configuration" in caplog.text
+    assert len(searcher.observations) == 5
+    assert search_space(config).check(config_suggested) == []
+
+
+def test_missing_parameter_column_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="has no column units_3"):
+        load_warm_start(config_with(tmp_path, EARLIER_RUN.drop(columns=["units_3"])))
+
+
+def test_parameter_dropped_from_space_rejected(tmp_path):
+    def drop_units_3(data):
+        del data["search"]["space"]["units_3"]
+
+    with pytest.raises(ConfigError, match="tuned units_3, which the current search space does not"):
+        load_warm_start(config_with(tmp_path, EARLIER_RUN, drop_units_3))
+
+
+def test_narrowed_range_rejected(tmp_path):
+    def narrow(data):
+        data["search"]["space"]["units_1"] = {"type": "int", "low": 32, "high": 256}
+
+    with pytest.raises(ConfigError) as raised:
+        load_warm_start(config_with(tmp_path, EARLIER_RUN, narrow))
+
+    assert "row 5, units_1: 512.0 is outside the current range [32, 256]" in str(raised.value)
+
+
+def test_removed_choice_rejected(tmp_path):
+    def fewer_batch_sizes(data):
+        data["search"]["space"]["batch_size"] = {"type": "choice", "values": [32, 64, 128]}
+
+    with pytest.raises(ConfigError, match="256 is not one of the current choices"):
+        load_warm_start(config_with(tmp_path, EARLIER_RUN, fewer_batch_sizes))
+
+
+def test_missing_file_rejected(tmp_path):
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["search"]["warm_start"] = str(tmp_path / "nope.csv")
+
+    with pytest.raises(ConfigError, match="not found"):
+        load_warm_start(parse_experiment(data))
