@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import yaml
 import logging
-import os
 import sys
 
 import click

@@ -13,19 +13,17 @@ import copy
 import logging
 import math
 import pickle
-import warnings
 from typing import Any
 
 import numpy as np
 from bayes_opt import TargetSpace, acquisition
 from ray.tune.search import Searcher
-from scipy import optimize, stats
+from scipy import optimize
 from scipy.stats import qmc
 from sklearn.gaussian_process import GaussianProcessRegressor
-from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
-from sklearn.preprocessing import PowerTransformer
 from threadpoolctl import threadpool_limits
 
+from tuning.gp import condition_on_pending, fit_gp, transform_targets
 from tuning.space import SearchSpace
 
 logger = logging.getLogger(__name__)
@@ -49,17 +47,6 @@ REFINE_CANDIDATES = 500
 REFINE_SCALES = (0.02, 0.005, 0.001)
 GRADIENT_STARTS = 3
 GRADIENT_ITERATIONS = 30
-
-# GP fit: a log-normal prior on each length scale (features live in [0, 1], so 0.5
-# spans half the range), and two random restarts of the marginal-likelihood optimiser.
-LENGTH_SCALE_BOUNDS = (1e-2, 1e2)
-LENGTH_SCALE_PRIOR_MEDIAN = 0.5
-LENGTH_SCALE_PRIOR_SD = 1.0
-GP_RESTARTS = 2
-MAX_OBSERVATIONS_FOR_RESTARTS = 100
-
-# Below this many distinct observations the targets are only standardised.
-MIN_OBSERVATIONS_FOR_TRANSFORM = 3
 
 # Attempts to draw a random configuration that no trial has used before giving up on a
 # small discrete space.
@@ -363,37 +350,14 @@ class GaussianProcessSearcher(Searcher):
             # The matrices are small (a few hundred rows), where BLAS threads cost more than they
             # save; on 2 cores they made each suggestion several times slower.
             target_space = self._build_target_space()
-            gp = self._fit_gp(target_space)
+            gp = fit_gp(target_space.params, target_space.target, self._kernel_theta, int(self._rng.integers(2**31 - 1)))
+            self._kernel_theta = gp.kernel_.theta
             best_target = float(target_space.target.max())
             if self._pending:
-                gp = self._condition_on_pending(gp, target_space)
+                pending_features = np.array([self._space.to_features(config) for config in self._pending.values()])
+                gp = condition_on_pending(gp, target_space.params, target_space.target, pending_features)
             acquisition_function = self._build_acquisition(best_target)
             return self._maximise_acquisition(gp, acquisition_function, taken)
-
-    def _fit_gp(self, target_space: TargetSpace) -> GaussianProcessRegressor:
-        gp = self._build_gp(target_space.dim, len(target_space))
-        with warnings.catch_warnings():
-            # sklearn warns when a length scale reaches a bound; that is expected for irrelevant parameters.
-            warnings.simplefilter("ignore")
-            gp.fit(target_space.params, target_space.target)
-        self._kernel_theta = gp.kernel_.theta
-        return gp
-
-    def _condition_on_pending(self, gp: GaussianProcessRegressor, target_space: TargetSpace) -> GaussianProcessRegressor:
-        """Add running trials to the GP at its own predicted mean (the "kriging believer").
-
-        The GP's uncertainty at a running trial's point collapses, so the
-        acquisition function looks elsewhere, while its mean and its fitted
-        length scales stay those of the real observations; a constant lie such
-        as the worst value seen would bend both.
-        """
-        features = np.array([self._space.to_features(config) for config in self._pending.values()])
-        believed = gp.predict(features)
-        conditioned = GaussianProcessRegressor(kernel=gp.kernel_, normalize_y=False, optimizer=None)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            conditioned.fit(np.vstack([target_space.params, features]), np.concatenate([target_space.target, believed]))
-        return conditioned
 
     def _maximise_acquisition(self, gp: GaussianProcessRegressor, acquisition_function: Any, taken: set[tuple]) -> dict[str, Any]:
         """Pick the unused configuration with the highest acquisition value among sampled candidates.
@@ -495,25 +459,6 @@ class GaussianProcessSearcher(Searcher):
             target_space.register(features_by_key[key], float(target))
         return target_space
 
-    def _build_gp(self, dimensions: int, num_observations: int) -> GaussianProcessRegressor:
-        kernel = ConstantKernel(1.0, (1e-2, 1e2)) * Matern(
-            length_scale=np.full(dimensions, LENGTH_SCALE_PRIOR_MEDIAN), length_scale_bounds=LENGTH_SCALE_BOUNDS, nu=2.5
-        ) + WhiteKernel(1e-3, (1e-6, 1e-1))
-        # The previous fit's hyperparameters are a good start for this one; with many
-        # observations each restart costs O(n^3), so only the warm start remains.
-        restarts = GP_RESTARTS
-        if self._kernel_theta is not None and len(self._kernel_theta) == len(kernel.theta):
-            kernel = kernel.clone_with_theta(self._kernel_theta)
-            if num_observations > MAX_OBSERVATIONS_FOR_RESTARTS:
-                restarts = 0
-        return GaussianProcessRegressor(
-            kernel=kernel,
-            normalize_y=False,
-            optimizer=_map_optimizer(dimensions),
-            n_restarts_optimizer=restarts,
-            random_state=int(self._rng.integers(2**31 - 1)),
-        )
-
     def _build_acquisition(self, best_target: float) -> acquisition.AcquisitionFunction:
         if self._acquisition_function == "ucb":
             return acquisition.UpperConfidenceBound(kappa=self._kappa)
@@ -523,46 +468,3 @@ class GaussianProcessSearcher(Searcher):
             function = acquisition.ExpectedImprovement(xi=self._xi)
         function.y_max = best_target
         return function
-
-
-def _map_optimizer(dimensions: int) -> Any:
-    """Return an sklearn GP optimiser that maximises the marginal likelihood times a log-normal prior on length scales.
-
-    With a few dozen points in several dimensions, the plain maximum-likelihood
-    fit often picks tiny length scales that make the GP a set of spikes; the
-    prior keeps them near the scale of the unit cube unless the data insist.
-    """
-    prior_mean = math.log(LENGTH_SCALE_PRIOR_MEDIAN)
-    length_scales = slice(1, 1 + dimensions)
-
-    def optimizer(objective: Any, initial_theta: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, float]:
-        def penalised(theta: np.ndarray) -> tuple[float, np.ndarray]:
-            value, gradient = objective(theta, eval_gradient=True)
-            deviation = (theta[length_scales] - prior_mean) / LENGTH_SCALE_PRIOR_SD
-            gradient = gradient.copy()
-            gradient[length_scales] += deviation / LENGTH_SCALE_PRIOR_SD
-            return value + 0.5 * float(np.sum(deviation**2)), gradient
-
-        result = optimize.minimize(penalised, initial_theta, jac=True, bounds=bounds, method="L-BFGS-B")
-        return result.x, result.fun
-
-    return optimizer
-
-
-def transform_targets(values: np.ndarray) -> np.ndarray:
-    """Map observed values (larger is better) to a standard normal scale for the GP.
-
-    A Yeo-Johnson power transform after standardising pulls in the long tail
-    of diverged trials (a val_loss of 12 next to values of 0.1), which would
-    otherwise flatten the GP everywhere else. The result has mean 0 and
-    variance 1, so `xi` and `kappa` mean the same on every metric scale.
-    """
-    if len(values) < MIN_OBSERVATIONS_FOR_TRANSFORM or values.std() == 0:
-        scale = values.std() if values.std() > 0 else 1.0
-        return (values - values.mean()) / scale
-    standardised = (values - values.mean()) / values.std()
-    with warnings.catch_warnings():
-        # The power transform warns on overflow when its exponent search tries extreme values.
-        warnings.simplefilter("ignore")
-        return PowerTransformer(method="yeo-johnson").fit_transform(standardised[:, None])[:, 0]
-
