@@ -20,7 +20,7 @@ RECORDED_PACKAGES = (
 )
 
 # Source files of frozen-tune that the `ours` methods run; their digests identify the version benchmarked.
-SEARCHER_SOURCES = ("tuning/searcher.py", "tuning/space.py")
+SEARCHER_SOURCES = ("tuning/searcher.py", "tuning/gp.py", "tuning/space.py")
 
 # Environment variables that change how fast the linear algebra runs.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
