@@ -259,6 +259,9 @@ def _run_tuner(config: ExperimentConfig, data: PreparedData) -> tune.ResultGrid:
         tune_config=tune.TuneConfig(
             metric=search.metric, mode=search.mode, search_alg=ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent),
             scheduler=scheduler, num_samples=search.num_trials, trial_dirname_creator=trial_dirname,
+            # A reused worker keeps TensorFlow imported and initialised: the next trial
+            # starts in well under a second instead of importing TensorFlow again.
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=config.name, storage_path=config.storage_path(), verbose=0,

@@ -85,6 +85,8 @@ def train_head(config: dict[str, Any], data: EmbeddingData, settings: TrialSetti
     from models.classifier import build_head
     from models.hyperparameters import HEAD_DEFAULTS
 
+    # A reused worker still holds the previous trial's head; release it.
+    keras.backend.clear_session()
     hyperparameters = {**HEAD_DEFAULTS, **settings.fixed_hyperparameters, **config}
     hyperparameters = {name: value for name, value in hyperparameters.items() if name in HEAD_DEFAULTS}
     batch_size = int(hyperparameters["batch_size"])
