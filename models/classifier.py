@@ -260,7 +260,7 @@ def export_model(
         raise ValueError(f"metadata is not JSON-serializable: {error}; pass only str, numbers, lists and dicts.") from error
 
     extractor.trainable = False
-    # An uncompiled copy of the head, so the file carries no optimizer state; loading a
+    # An uncompiled copy of the head, so the file carries no optimizer state. Loading a
     # compiled nested model makes Keras warn that it skips the optimizer's variables.
     inference_head = keras.models.clone_model(head)
     inference_head.set_weights(head.get_weights())
@@ -280,7 +280,7 @@ def export_model(
     try:
         model.save(temporary_name)
         # keras.models.load_model (Keras 3.15) reads only the archive entries it
-        # knows, so this extra entry does not affect loading.
+        # expects, so this extra entry does not affect loading.
         with zipfile.ZipFile(temporary_name, mode="a") as archive:
             archive.writestr(METADATA_ENTRY, metadata_json)
         os.replace(temporary_name, path)

@@ -449,8 +449,8 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None, o
 def check_storage_writable(config: ExperimentConfig) -> None:
     """Create the local storage folder if needed and write a probe file in it.
 
-    Permission bits alone do not tell (root passes every check, and /proc
-    refuses new folders whatever its bits say), so the probe is a real write.
+    Permission bits alone are not enough: root passes every permission check,
+    and /proc rejects new folders whatever its bits are. So the probe is a real write.
 
     Raises:
         ConfigError: naming the storage value and the fix.
@@ -512,7 +512,7 @@ def load_warm_start(config: ExperimentConfig) -> list[tuple[dict[str, Any], floa
     """Read the finished trials of an earlier run's results.csv named by `search.warm_start`.
 
     The file must have a column for every parameter of the current search
-    space and `best_<metric>`; it must not tune a head hyperparameter that
+    space and `best_<metric>`. It must not tune a head hyperparameter that
     the current space leaves out, and every value must lie inside the current
     bounds. Failed trials and non-finite values are skipped.
 

@@ -34,10 +34,10 @@ ACQUISITION_FUNCTIONS: tuple[str, ...] = ("ei", "ucb", "pi")
 # until then suggestions stay random even after the initial points.
 MIN_OBSERVATIONS_FOR_GP = 2
 
-# Acquisition optimiser, in the unit cube with one coordinate per parameter: uniform
-# candidates plus Gaussian perturbations (one scale per candidate, drawn from the list)
-# of the best observed configurations, then finer perturbations of the best candidates,
-# then L-BFGS-B along the continuous parameters from the very best. About 2,500
+# Acquisition optimiser, in the unit cube with one coordinate per parameter. It scores
+# uniform candidates and Gaussian perturbations of the best observed configurations
+# (each candidate draws one scale from the list), then finer perturbations of the best
+# candidates, then runs L-BFGS-B along the continuous parameters from the very best. About 2,500
 # acquisition values per suggestion keep it well under a second at 300 observations.
 RANDOM_CANDIDATES = 1_000
 LOCAL_CENTRES = 5
@@ -347,8 +347,8 @@ class GaussianProcessSearcher(Searcher):
             return self._space.from_unit(self._rng.random(len(self._space.parameters)))
 
         with threadpool_limits(limits=1):
-            # The matrices are small (a few hundred rows), where BLAS threads cost more than they
-            # save; on 2 cores they made each suggestion several times slower.
+            # The matrices are small (a few hundred rows), so BLAS threads cost more than they
+            # save: on 2 cores they made each suggestion several times slower.
             target_space = self._build_target_space()
             gp = fit_gp(target_space.params, target_space.target, self._kernel_theta, int(self._rng.integers(2**31 - 1)))
             self._kernel_theta = gp.kernel_.theta
@@ -402,7 +402,7 @@ class GaussianProcessSearcher(Searcher):
         """Climb the acquisition function from `start` along the continuous parameters with L-BFGS-B.
 
         For uniform and loguniform parameters the unit coordinate equals the GP
-        feature, so the optimiser works on the exact function; int and choice
+        feature, so the optimiser works on the exact function. Int and choice
         parameters stay at their values.
         """
         continuous = [index for index, parameter in enumerate(self._space.parameters) if parameter.kind in ("uniform", "loguniform")]
