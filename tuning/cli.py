@@ -67,7 +67,7 @@ def run(experiment: str, address: str | None, num_trials: int | None, storage: s
         sys.exit(1)
 
     click.echo("")
-    click.echo(f"Best trial {outcome.best_trial_id} of {outcome.num_trials} ({outcome.num_failed} failed), "
+    click.echo(f"Best trial {outcome.best_trial_number} ({outcome.best_trial_id}) of {outcome.num_trials} ({outcome.num_failed} failed), "
                f"{outcome.wall_seconds:.0f} s in all:")
     for key, value in outcome.best_config.items():
         click.echo(f"  {key:<14} {value}")
@@ -85,10 +85,12 @@ def check(experiment: str) -> None:
     try:
         config = load_experiment(experiment)
         check_datasets(config)
+        load_warm_start(config)
     except ConfigError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_INVALID_INPUT)
     resolved = config.model_dump()
+    resolved["head"] = {name: value for name, value in config.head_hyperparameters({}).items() if name not in config.search.space}
     resolved["cache_dir"] = str(config.cache_path())
     resolved["storage"] = config.storage_path()
     click.echo(yaml.safe_dump(resolved, sort_keys=False), nl=False)

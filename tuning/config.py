@@ -551,33 +551,40 @@ def load_warm_start(config: ExperimentConfig) -> list[tuple[dict[str, Any], floa
 
     if "status" in frame.columns:
         frame = frame[frame["status"] == "TERMINATED"]
-    observations = []
+    observations, problems = [], []
     for index, row in frame.iterrows():
         value = float(row[metric_column])
         if not math.isfinite(value):
             continue
         point = {}
         for name, parameter in space.items():
-            point[name] = _warm_start_value(row[name], parameter, f"{field}, row {index + 2}, {name}")
+            try:
+                point[name] = _warm_start_value(row[name], parameter, f"row {index + 2}, {name}")
+            except ValueError as error:
+                problems.append(str(error))
         observations.append((point, value))
+    if problems:
+        raise ConfigError(f"{field} does not fit the current search space (it changed since that run):\n" + "\n".join(f"  {problem}" for problem in problems))
     return observations
 
 
 def _warm_start_value(value: Any, parameter: Any, where: str) -> Any:
-    """Convert one cell to the parameter's type and check it against the current bounds."""
+    """Convert one cell to the parameter's type and check it against the current bounds.
+
+    Raises:
+        ValueError: naming the row and column, when the value does not fit.
+    """
     if isinstance(parameter, ChoiceParameter):
         for option in parameter.values:
             if str(option) == str(value) or (not isinstance(option, (str, bool)) and _is_number(value) and float(option) == float(value)):
                 return option
-        raise ConfigError(f"{where}: {value!r} is not one of the current choices {parameter.values}; the search space changed")
+        raise ValueError(f"{where}: {value!r} is not one of the current choices {parameter.values}")
     if not _is_number(value):
-        raise ConfigError(f"{where}: {value!r} is not a number")
-    number = float(value)
+        raise ValueError(f"{where}: {value!r} is not a number")
+    number = int(round(float(value))) if isinstance(parameter, IntParameter) else float(value)
     if not parameter.low <= number <= parameter.high:
-        raise ConfigError(
-            f"{where}: {number!r} is outside the current range [{parameter.low}, {parameter.high}]; the search space changed"
-        )
-    return int(round(number)) if isinstance(parameter, IntParameter) else number
+        raise ValueError(f"{where}: {number!r} is outside the current range [{parameter.low}, {parameter.high}]")
+    return number
 
 
 def _is_number(value: Any) -> bool:

@@ -67,6 +67,7 @@ class ExperimentOutcome:
 
     run_dir: Path
     best_trial_id: str
+    best_trial_number: str
     best_config: dict[str, Any]
     best_metrics: dict[str, Any]
     num_trials: int
@@ -346,6 +347,7 @@ def _write_outputs(config: ExperimentConfig, data: PreparedData, results: tune.R
 
     best_row = report.best_row(frame, config.search.metric, config.search.mode)
     best_trial_id = str(best_row["trial_id"])
+    best_trial_number = f"{int(best_row['trial_number']):05d}"
     best_result = next(result for result in results if result.path == best_row["path"])
     best_tuned = {name: _python_value(best_row[name]) for name in search_space(config).names}
     best_hyperparameters = config.head_hyperparameters(best_tuned)
@@ -354,18 +356,19 @@ def _write_outputs(config: ExperimentConfig, data: PreparedData, results: tune.R
     run_dir = Path(config.run_dir())
     report.write_csv(frame, run_dir / "results.csv")
     _write_json(run_dir / "best_config.json", {
-        "trial_id": best_trial_id, "hyperparameters": best_hyperparameters, "metrics": best_metrics,
+        "trial_number": best_trial_number, "trial_id": best_trial_id, "hyperparameters": best_hyperparameters,
+        "metrics": best_metrics,
         "metric": config.search.metric, "mode": config.search.mode,
     })
     report.plot_convergence(frame, config.search.metric, config.search.mode, run_dir / "convergence.png")
     model_path = _export_best_model(config, data, best_result, best_hyperparameters, run_dir / "best_model.keras")
     report.write_report(
-        frame, config, run_dir / "report.md", best_trial_id=best_trial_id, wall_seconds=elapsed, model_path=model_path,
+        frame, config, run_dir / "report.md", best_trial=f"{best_trial_number} ({best_trial_id})", wall_seconds=elapsed, model_path=model_path,
         data_summary=_data_summary(data),
     )
     logger.info("experiment %s finished in %.0f s; outputs in %s", config.name, elapsed, run_dir)
     return ExperimentOutcome(
-        run_dir=run_dir, best_trial_id=best_trial_id, best_config=best_hyperparameters, best_metrics=best_metrics,
+        run_dir=run_dir, best_trial_id=best_trial_id, best_trial_number=best_trial_number, best_config=best_hyperparameters, best_metrics=best_metrics,
         num_trials=len(frame), num_failed=int((frame["status"] != "TERMINATED").sum()), wall_seconds=elapsed, data=data,
     )
 

@@ -96,6 +96,7 @@ def test_best_config_matches_table(first_run):
     best_row = frame.loc[frame["best_val_loss"].idxmin()]
 
     assert best["trial_id"] == best_row["trial_id"]
+    assert best["trial_number"] == f"{best_row['trial_number']:05d}"
     assert best["metrics"]["best_val_loss"] == pytest.approx(best_row["best_val_loss"])
     assert best["hyperparameters"]["units_1"] == best_row["units_1"]
     assert best_row["trial_id"] in (run_dir / "report.md").read_text()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -87,7 +89,9 @@ def test_narrowed_range_rejected(tmp_path):
     with pytest.raises(ConfigError) as raised:
         load_warm_start(config_with(tmp_path, EARLIER_RUN, narrow))
 
-    assert "row 5, units_1: 512.0 is outside the current range [32, 256]" in str(raised.value)
+    assert "row 5, units_1: 512 is outside the current range [32, 256]" in str(raised.value)
+    assert "row 3, units_1" not in str(raised.value)
+    assert "the search space changed" in str(raised.value) or "it changed since that run" in str(raised.value)
 
 
 def test_removed_choice_rejected(tmp_path):
@@ -104,3 +108,16 @@ def test_missing_file_rejected(tmp_path):
 
     with pytest.raises(ConfigError, match="not found"):
         load_warm_start(parse_experiment(data))
+
+
+def test_check_command_reads_warm_start(tmp_path):
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["search"]["warm_start"] = str(tmp_path / "missing.csv")
+    experiment = tmp_path / "warm.yaml"
+    experiment.write_text(yaml.safe_dump(data))
+
+    completed = subprocess.run([sys.executable, "-m", "tuning", "check", str(experiment)], capture_output=True, text=True, timeout=60)
+
+    assert completed.returncode == 2
+    assert "search.warm_start" in completed.stderr
+    assert "not found" in completed.stderr
