@@ -22,7 +22,8 @@ from models.hyperparameters import ACTIVATIONS, HEAD_DEFAULTS, HEAD_HYPERPARAMET
 
 DATASET_NAMES: tuple[str, ...] = ("digits",)
 BACKBONE_NAMES: tuple[str, ...] = ("small_cnn",)
-REPORTED_METRICS: tuple[str, ...] = ("loss", "accuracy", "val_loss", "val_accuracy")
+# Metrics every trial reports each epoch, in the column order of results.csv.
+REPORTED_METRICS: tuple[str, ...] = ("val_loss", "val_accuracy", "loss", "accuracy")
 DEFAULT_CACHE_DIR = Path("~/.cache/frozen-tune")
 CACHE_DIR_VARIABLE = "FROZEN_TUNE_CACHE"
 
@@ -339,14 +340,14 @@ def _format_validation_error(error: ValidationError) -> list[str]:
             message = "required key is missing"
         elif item["type"] in ("union_tag_invalid", "union_tag_not_found"):
             tag = item.get("ctx", {}).get("tag")
-            given = f"unknown parameter type {tag!r}; " if tag is not None else "missing key 'type'; "
-            message = f"{given}the type must be one of {', '.join(PARAMETER_MODELS)}"
+            problem = f"unknown parameter type {tag!r}; " if tag is not None else "missing key 'type'; "
+            message = f"{problem}the type must be one of {', '.join(PARAMETER_MODELS)}"
 
         value = item.get("input")
-        shown = ""
+        value_note = ""
         if item["type"] != "missing" and not isinstance(value, dict) and repr(value) not in message:
-            shown = f" (got {value!r})"
-        lines.append(f"{path}: {message}{shown}")
+            value_note = f" (got {value!r})"
+        lines.append(f"{path}: {message}{value_note}")
     return lines
 
 
@@ -528,6 +529,8 @@ def load_warm_start(config: ExperimentConfig) -> list[tuple[dict[str, Any], floa
 
     import pandas as pd
 
+    from tuning.report import STATUS_COMPLETED
+
     path = Path(config.search.warm_start).expanduser()
     field = f"search.warm_start: {str(path)!r}"
     if not path.is_file():
@@ -550,7 +553,7 @@ def load_warm_start(config: ExperimentConfig) -> list[tuple[dict[str, Any], floa
         )
 
     if "status" in frame.columns:
-        frame = frame[frame["status"] == "TERMINATED"]
+        frame = frame[frame["status"] == STATUS_COMPLETED]
     observations, problems = [], []
     for index, row in frame.iterrows():
         value = float(row[metric_column])

@@ -94,7 +94,7 @@ def prepare_data(config: ExperimentConfig) -> PreparedData:
 
     Runs wherever it is called; `run_experiment` calls it as a Ray task.
     """
-    from models.backbones import PREPROCESSING_VERSION, build_feature_extractor, load_backbone
+    from models.backbones import PREPROCESSING_VERSION, build_feature_extractor
     from models.datasets import load_dataset
     from models.features import Embeddings, compute_embeddings, embedding_cache_key, load_cached_embeddings, save_embeddings
 
@@ -103,7 +103,7 @@ def prepare_data(config: ExperimentConfig) -> PreparedData:
         config.dataset.name, classes=config.dataset.classes,
         validation_split=config.dataset.validation_split, seed=config.dataset.seed,
     )
-    backbone = _load_backbone(config, load_backbone, load_dataset)
+    backbone = _load_backbone(config)
     key = embedding_cache_key(backbone.weights_key, dataset, config.backbone.image_size, PREPROCESSING_VERSION)
 
     embeddings = load_cached_embeddings(cache_dir, key)
@@ -128,7 +128,11 @@ def prepare_data(config: ExperimentConfig) -> PreparedData:
     )
 
 
-def _load_backbone(config: ExperimentConfig, load_backbone: Any, load_dataset: Any) -> Any:
+def _load_backbone(config: ExperimentConfig) -> Any:
+    """Build the experiment's backbone, pretraining it on the source task or loading it from the cache."""
+    from models.backbones import load_backbone
+    from models.datasets import load_dataset
+
     backbone_config = config.backbone
     if backbone_config.weights == "none":
         return load_backbone(backbone_config.name, weights="none", image_size=backbone_config.image_size, seed=backbone_config.pretrain.seed)
@@ -340,8 +344,9 @@ def _first_line(trial: Any) -> str:
 
 
 def _write_outputs(config: ExperimentConfig, data: PreparedData, results: tune.ResultGrid, elapsed: float) -> ExperimentOutcome:
-    frame = report.results_frame(results, search_space(config).names, config.search.metric)
-    finished = frame[frame["status"] == "TERMINATED"]
+    parameter_names = search_space(config).names
+    frame = report.results_frame(results, parameter_names, config.search.metric)
+    finished = frame[frame["status"] == report.STATUS_COMPLETED]
     if finished.empty:
         raise ExperimentError(f"all {len(frame)} trials failed; see the errors in {config.run_dir()} and fix the search space")
 
@@ -349,7 +354,7 @@ def _write_outputs(config: ExperimentConfig, data: PreparedData, results: tune.R
     best_trial_id = str(best_row["trial_id"])
     best_trial_number = f"{int(best_row['trial_number']):05d}"
     best_result = next(result for result in results if result.path == best_row["path"])
-    best_tuned = {name: _python_value(best_row[name]) for name in search_space(config).names}
+    best_tuned = {name: _python_value(best_row[name]) for name in parameter_names}
     best_hyperparameters = config.head_hyperparameters(best_tuned)
     best_metrics = {name: _python_value(best_row[name]) for name in report.best_metric_columns(frame)}
 
@@ -369,7 +374,7 @@ def _write_outputs(config: ExperimentConfig, data: PreparedData, results: tune.R
     logger.info("experiment %s finished in %.0f s; outputs in %s", config.name, elapsed, run_dir)
     return ExperimentOutcome(
         run_dir=run_dir, best_trial_id=best_trial_id, best_trial_number=best_trial_number, best_config=best_hyperparameters, best_metrics=best_metrics,
-        num_trials=len(frame), num_failed=int((frame["status"] != "TERMINATED").sum()), wall_seconds=elapsed, data=data,
+        num_trials=len(frame), num_failed=int((frame["status"] != report.STATUS_COMPLETED).sum()), wall_seconds=elapsed, data=data,
     )
 
 
@@ -377,9 +382,8 @@ def _export_best_model(config: ExperimentConfig, data: PreparedData, best_result
     """Join the frozen backbone and the best trial's head into one model file."""
     import math
 
-    from models.backbones import build_feature_extractor, load_backbone
+    from models.backbones import build_feature_extractor
     from models.classifier import build_head, export_model
-    from models.datasets import load_dataset
 
     checkpoint = best_result.checkpoint
     if checkpoint is None:
@@ -390,7 +394,7 @@ def _export_best_model(config: ExperimentConfig, data: PreparedData, best_result
     with checkpoint.as_directory() as folder:
         head.load_weights(str(Path(folder) / HEAD_WEIGHTS_FILE))
 
-    backbone = _load_backbone(config, load_backbone, load_dataset)
+    backbone = _load_backbone(config)
     extractor = build_feature_extractor(data.raw_shape, data.value_range, config.backbone.image_size, backbone.cnn)
     metadata = {
         "experiment": config.name, "backbone": config.backbone.name, "image_size": config.backbone.image_size,

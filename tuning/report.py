@@ -11,11 +11,12 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from tuning.config import REPORTED_METRICS
+
 logger = logging.getLogger(__name__)
 
 STATUS_COMPLETED = "TERMINATED"
 STATUS_FAILED = "ERROR"
-REPORTED_METRICS = ("val_loss", "val_accuracy", "loss", "accuracy")
 
 
 def results_frame(results: Iterable[Any], parameter_names: list[str], metric: str) -> pd.DataFrame:

@@ -299,13 +299,13 @@ class GaussianProcessSearcher(Searcher):
             return None
         return value if math.isfinite(value) else None
 
-    def _taken_keys(self) -> set[tuple]:
+    def _used_keys(self) -> set[tuple]:
         configs = [config for config, _ in self._observations] + list(self._pending.values())
         return {self._space.key(config) for config in configs}
 
-    def _space_exhausted(self, taken: set[tuple]) -> bool:
+    def _space_exhausted(self, used_keys: set[tuple]) -> bool:
         cardinality = self._space.cardinality
-        exhausted = cardinality is not None and len(taken) >= cardinality
+        exhausted = cardinality is not None and len(used_keys) >= cardinality
         if exhausted and not self._exhausted_warned:
             logger.warning(
                 "every one of the %d configurations of the search space has been suggested; "
@@ -317,19 +317,19 @@ class GaussianProcessSearcher(Searcher):
 
     def _suggest_random(self) -> dict[str, Any]:
         self._random_suggestions += 1
-        taken = self._taken_keys()
+        used_keys = self._used_keys()
         if self._design:
             config = self._design.pop(0)
-            if self._space.key(config) not in taken:
+            if self._space.key(config) not in used_keys:
                 return config
-        return self._random_unused(taken)
+        return self._random_unused(used_keys)
 
-    def _random_unused(self, taken: set[tuple]) -> dict[str, Any]:
+    def _random_unused(self, used_keys: set[tuple]) -> dict[str, Any]:
         config = self._space.from_unit(self._rng.random(len(self._space.parameters)))
-        if self._space_exhausted(taken):
+        if self._space_exhausted(used_keys):
             return config
         for _ in range(MAX_RESAMPLES):
-            if self._space.key(config) not in taken:
+            if self._space.key(config) not in used_keys:
                 return config
             config = self._space.from_unit(self._rng.random(len(self._space.parameters)))
         return config
@@ -342,8 +342,8 @@ class GaussianProcessSearcher(Searcher):
             )
             self._gp_announced = True
 
-        taken = self._taken_keys()
-        if self._space_exhausted(taken):
+        used_keys = self._used_keys()
+        if self._space_exhausted(used_keys):
             return self._space.from_unit(self._rng.random(len(self._space.parameters)))
 
         with threadpool_limits(limits=1):
@@ -357,9 +357,9 @@ class GaussianProcessSearcher(Searcher):
                 pending_features = np.array([self._space.to_features(config) for config in self._pending.values()])
                 gp = condition_on_pending(gp, target_space.params, target_space.target, pending_features)
             acquisition_function = self._build_acquisition(best_target)
-            return self._maximise_acquisition(gp, acquisition_function, taken)
+            return self._maximise_acquisition(gp, acquisition_function, used_keys)
 
-    def _maximise_acquisition(self, gp: GaussianProcessRegressor, acquisition_function: Any, taken: set[tuple]) -> dict[str, Any]:
+    def _maximise_acquisition(self, gp: GaussianProcessRegressor, acquisition_function: Any, used_keys: set[tuple]) -> dict[str, Any]:
         """Pick the unused configuration with the highest acquisition value among sampled candidates.
 
         Candidates live in the unit cube with one coordinate per parameter, so
@@ -394,9 +394,9 @@ class GaussianProcessSearcher(Searcher):
         units, values = np.vstack(scored_units), np.concatenate(scored_values)
         for index in np.argsort(values)[::-1]:
             config = self._space.from_unit(units[index])
-            if self._space.key(config) not in taken:
+            if self._space.key(config) not in used_keys:
                 return config
-        return self._random_unused(taken)
+        return self._random_unused(used_keys)
 
     def _refine_continuous(self, gp: GaussianProcessRegressor, acquisition_function: Any, start: np.ndarray) -> np.ndarray:
         """Climb the acquisition function from `start` along the continuous parameters with L-BFGS-B.
