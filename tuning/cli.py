@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import yaml
 import logging
 import sys
 
 import click
+import yaml
 
-from tuning.config import ConfigError, check_datasets, check_run_folder, check_storage_writable, load_experiment, load_warm_start
+from tuning.config import ConfigError, check_datasets, check_storage_writable, load_experiment, load_warm_start
+from tuning.run_folder import check_run_folder
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,11 @@ def main(log_level: str) -> None:
 @click.option("--name", default=None, help="Override the experiment name (the run folder's name).")
 @click.option("--dashboard/--no-dashboard", default=False, show_default=True,
               help="Start Ray's dashboard on 127.0.0.1 with the local Ray.")
-def run(experiment: str, address: str | None, num_trials: int | None, storage: str | None, name: str | None, dashboard: bool) -> None:
+@click.option("--resume", is_flag=True, default=False,
+              help="Continue the interrupted experiment in the run folder: finished trials are kept, running ones restart "
+                   "from their last checkpoint. Use the same file and options as the interrupted run.")
+def run(experiment: str, address: str | None, num_trials: int | None, storage: str | None, name: str | None, dashboard: bool,
+        resume: bool) -> None:
     """Run the tuning experiment described by the YAML file EXPERIMENT."""
     try:
         config = load_experiment(
@@ -46,7 +51,7 @@ def run(experiment: str, address: str | None, num_trials: int | None, storage: s
             {"search.num_trials": num_trials, "storage": storage, "name": name},
             option_names={"search.num_trials": "--num-trials", "storage": "--storage", "name": "--name"},
         )
-        check_run_folder(config)
+        check_run_folder(config, resume=resume)
         check_datasets(config)
         load_warm_start(config)
         check_storage_writable(config)
@@ -58,7 +63,7 @@ def run(experiment: str, address: str | None, num_trials: int | None, storage: s
     from tuning.experiment import ExperimentError, run_experiment
 
     try:
-        outcome = run_experiment(config, address=address, dashboard=dashboard)
+        outcome = run_experiment(config, address=address, dashboard=dashboard, resume=resume)
     except ConfigError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_INVALID_INPUT)

@@ -199,6 +199,8 @@ class SearchConfig(_Strict):
 class TrainingConfig(_Strict):
     max_epochs: int = Field(30, ge=1)
     patience: int = Field(5, ge=1)
+    # Retries of a trial whose worker or node died, each from its last checkpoint.
+    max_failures: int = Field(2, ge=0)
 
 
 class SchedulerConfig(_Strict):
@@ -468,24 +470,6 @@ def check_storage_writable(config: ExperimentConfig) -> None:
             f"storage: {config.storage!r} is not writable ({error.strerror or error}); "
             "pass --storage with a folder you can write to"
         ) from None
-
-
-def check_run_folder(config: ExperimentConfig) -> None:
-    """Reject a run whose local folder already contains an experiment.
-
-    Raises:
-        ConfigError: naming the folder, whether that run finished, and the choices.
-    """
-    if config.is_remote_storage:
-        return
-    run_dir = Path(config.run_dir())
-    if not run_dir.is_dir() or not any(run_dir.iterdir()):
-        return
-    state = "a finished" if (run_dir / "results.csv").exists() else "an unfinished (interrupted or running)"
-    raise ConfigError(
-        f"{run_dir} already contains {state} experiment named {config.name!r}; "
-        "choose a new name with --name or another --storage, or delete that folder"
-    )
 
 
 def check_datasets(config: ExperimentConfig) -> None:

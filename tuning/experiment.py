@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -14,14 +15,16 @@ from typing import Any
 import numpy as np
 import ray
 from ray import tune
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from tuning import report
-from tuning.config import ExperimentConfig, check_run_folder, check_storage_writable, load_warm_start
+from tuning.config import ExperimentConfig, check_storage_writable, load_warm_start
+from tuning.run_folder import check_run_folder, hold_run_folder, write_snapshot
 from tuning.searcher import GaussianProcessSearcher
 from tuning.space import Parameter, SearchSpace
-from tuning.trainable import HEAD_WEIGHTS_FILE, EmbeddingData, TrialSettings, train_head
+from tuning.trainable import FAILURE_KEY, HEAD_WEIGHTS_FILE, EmbeddingData, TrialSettings, train_head
 
 logger = logging.getLogger(__name__)
 
@@ -194,16 +197,20 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
-def run_experiment(config: ExperimentConfig, *, address: str | None = None, dashboard: bool = False) -> ExperimentOutcome:
+def run_experiment(config: ExperimentConfig, *, address: str | None = None, dashboard: bool = False, resume: bool = False) -> ExperimentOutcome:
     """Run the whole experiment: prepare the embeddings, tune the head, write the outputs.
 
+    With `resume`, continue the interrupted experiment in the run folder:
+    finished trials are kept, trials that were running restart from their
+    last checkpoint, and the searcher continues from its saved state.
+
     Raises:
-        ConfigError: when the run folder already contains an experiment or
-            the storage is not writable.
+        ConfigError: when the run folder does not allow this run (see
+            tuning.run_folder) or the storage is not writable.
         ExperimentError: when Ray cannot be reached or every trial failed.
     """
     started = time.monotonic()
-    check_run_folder(config)
+    check_run_folder(config, resume=resume)
     check_storage_writable(config)
 
     started_ray = start_ray(address, dashboard=dashboard)
@@ -215,8 +222,11 @@ def run_experiment(config: ExperimentConfig, *, address: str | None = None, dash
             len(data.embeddings.train), len(data.embeddings.val), data.embeddings.train.shape[1],
             "reused from cache" if data.backbone_cache_hit else "trained", "reused from cache" if data.embedding_cache_hit else "computed",
         )
-        results = _run_tuner(config, data)
-        return _write_outputs(config, data, results, time.monotonic() - started)
+        with hold_run_folder(config):
+            if not resume:
+                write_snapshot(config)
+            results = _run_tuner(config, data, resume=resume)
+            return _write_outputs(config, data, results, time.monotonic() - started)
     finally:
         if started_ray:
             ray.shutdown()
@@ -229,18 +239,12 @@ def _prepare_on_cluster(config: ExperimentConfig) -> PreparedData:
     return ray.get(task.remote(config))
 
 
-def _run_tuner(config: ExperimentConfig, data: PreparedData) -> tune.ResultGrid:
+def _run_tuner(config: ExperimentConfig, data: PreparedData, *, resume: bool) -> tune.ResultGrid:
     space = search_space(config)
     search = config.search
-    searcher = GaussianProcessSearcher(
-        space, metric=search.metric, mode=search.mode, initial_points=search.initial_points,
-        acquisition_function=search.acquisition, seed=search.seed, points_to_evaluate=search.points_to_evaluate,
-    )
-    warm_start = load_warm_start(config)
-    for point, value in warm_start:
-        searcher.add_evaluated_point(point, value)
-    if warm_start:
-        logger.info("warm start: registered %d finished trials from %s", len(warm_start), search.warm_start)
+    # Save the experiment state (trials and searcher) at every step of Ray Tune's loop instead
+    # of every 10 s or more, so a trial reported as finished is never lost to a crash.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     settings = TrialSettings(
         metric=search.metric, mode=search.mode, max_epochs=config.training.max_epochs, patience=config.training.patience,
         fixed_hyperparameters=dict(config.head), cpus_per_trial=config.resources.cpus_per_trial,
@@ -259,6 +263,23 @@ def _run_tuner(config: ExperimentConfig, data: PreparedData) -> tune.ResultGrid:
     else:
         scheduler = FIFOScheduler()
 
+    if resume:
+        logger.info("experiment %s: resuming the interrupted run in %s", config.name, config.run_dir())
+        try:
+            tuner = tune.Tuner.restore(config.run_dir(), trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
+        except (RuntimeError, ValueError, FileNotFoundError) as error:
+            raise ExperimentError(f"cannot resume the experiment in {config.run_dir()}: {error}") from None
+        return tuner.fit()
+
+    searcher = GaussianProcessSearcher(
+        space, metric=search.metric, mode=search.mode, initial_points=search.initial_points,
+        acquisition_function=search.acquisition, seed=search.seed, points_to_evaluate=search.points_to_evaluate,
+    )
+    warm_start = load_warm_start(config)
+    for point, value in warm_start:
+        searcher.add_evaluated_point(point, value)
+    if warm_start:
+        logger.info("warm start: registered %d finished trials from %s", len(warm_start), search.warm_start)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -271,6 +292,9 @@ def _run_tuner(config: ExperimentConfig, data: PreparedData) -> tune.ResultGrid:
         run_config=tune.RunConfig(
             name=config.name, storage_path=config.storage_path(), verbose=0,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=search.metric, checkpoint_score_order=search.mode),
+            # Retries are for trials whose worker or node died. A trial that fails by
+            # itself ends with a `failure` report instead of raising (see train_head).
+            failure_config=tune.FailureConfig(max_failures=config.training.max_failures),
             callbacks=[ProgressLogger(search.num_trials, search.metric, search.mode)],
         ),
     )
@@ -305,34 +329,65 @@ def _format_value(value: Any) -> str:
 
 
 class ProgressLogger(tune.Callback):
-    """Log one line per finished or failed trial with the best value so far."""
+    """Log one line per finished or failed trial with the best value so far.
+
+    Lines wait for the end of Ray Tune's step, after the experiment state is
+    saved, so every trial logged as finished survives a crash of the driver.
+    """
 
     def __init__(self, num_trials: int, metric: str, mode: str) -> None:
         self._num_trials = num_trials
         self._metric = metric
         self._sign = -1.0 if mode == "min" else 1.0
-        self._finished = 0
-        self._best: float | None = None
+        self._lines: list[tuple[int, str]] = []
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finished += 1
         result = trial.last_result
+        done = _count_done(trials, trial)
+        if result.get(FAILURE_KEY):
+            self._lines.append((logging.WARNING, (
+                f"trial {trial_number(trial)} ({trial.trial_id}) failed, {done} of {self._num_trials} done: {result[FAILURE_KEY]}"
+            )))
+            return
         value = result.get(f"best_{self._metric}")
-        if value is not None and (self._best is None or self._sign * value > self._sign * self._best):
-            self._best = value
-        logger.info(
-            "trial %s (%s) finished, %d of %d done: %s %.4f at best epoch %s of %s, val_accuracy %.4f; best so far %.4f",
-            trial_number(trial), trial.trial_id, self._finished, self._num_trials, self._metric,
-            value if value is not None else float("nan"), result.get("best_epoch"), result.get("epoch"),
-            result.get("best_val_accuracy", float("nan")), self._best if self._best is not None else float("nan"),
-        )
+        # Scanning every trial, rather than keeping a running best, stays right after a resume.
+        finished = [other.last_result.get(f"best_{self._metric}") for other in trials if other is trial or other.status == Trial.TERMINATED]
+        finished = [other for other in finished if other is not None and math.isfinite(other)]
+        best = max(finished, key=lambda other: self._sign * other) if finished else None
+        self._lines.append((logging.INFO, (
+            f"trial {trial_number(trial)} ({trial.trial_id}) finished, {done} of {self._num_trials} done: "
+            f"{self._metric} {_number(value)} at best epoch {result.get('best_epoch')} of {result.get('epoch')}, "
+            f"val_accuracy {_number(result.get('best_val_accuracy'))}; best so far {_number(best)}"
+        )))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finished += 1
-        logger.warning(
-            "trial %s (%s) failed, %d of %d done: %s",
-            trial_number(trial), trial.trial_id, self._finished, self._num_trials, _first_line(trial),
-        )
+        self._lines.append((logging.WARNING, (
+            f"trial {trial_number(trial)} ({trial.trial_id}) failed, {_count_done(trials, trial)} of {self._num_trials} done: "
+            f"{_first_line(trial)}"
+        )))
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._lines.append((logging.WARNING, (
+            f"trial {trial_number(trial)} ({trial.trial_id}) lost its worker ({_first_line(trial)}); "
+            f"retrying it from its last checkpoint, retry {trial.num_failures} of {trial.max_failures}"
+        )))
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        for level, line in self._lines:
+            logger.log(level, line)
+        self._lines.clear()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.on_step_end(0, trials)
+
+
+def _count_done(trials: list, ending: Any) -> int:
+    """Count finished and failed trials, `ending` included (its status changes after the callback)."""
+    return sum(1 for trial in trials if trial is ending or trial.status in (Trial.TERMINATED, Trial.ERROR))
+
+
+def _number(value: Any) -> str:
+    return "nan" if value is None else f"{value:.4f}"
 
 
 def _first_line(trial: Any) -> str:
@@ -380,8 +435,6 @@ def _write_outputs(config: ExperimentConfig, data: PreparedData, results: tune.R
 
 def _export_best_model(config: ExperimentConfig, data: PreparedData, best_result: Any, hyperparameters: dict[str, Any], path: Path) -> Path:
     """Join the frozen backbone and the best trial's head into one model file."""
-    import math
-
     from models.backbones import build_feature_extractor
     from models.classifier import build_head, export_model
 

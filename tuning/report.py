@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from tuning.config import REPORTED_METRICS
+from tuning.trainable import FAILURE_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,9 @@ def results_frame(results: Iterable[Any], parameter_names: list[str], metric: st
         for name in REPORTED_METRICS:
             row[f"best_{name}"] = metrics.get(f"best_{name}")
         row["epochs_run"] = metrics.get("epoch", 0)
-        row["status"] = STATUS_FAILED if result.error is not None else STATUS_COMPLETED
-        row["error"] = _error_line(result.error)
+        failure = metrics.get(FAILURE_KEY)
+        row["status"] = STATUS_FAILED if result.error is not None or failure else STATUS_COMPLETED
+        row["error"] = str(failure) if failure else _error_line(result.error)
         row["wall_seconds"] = metrics.get("time_total_s")
         row["startup_seconds"] = metrics.get("startup_seconds")
         row["node"] = metrics.get("node")

@@ -25,6 +25,7 @@ from threadpoolctl import threadpool_limits
 
 from tuning.gp import condition_on_pending, fit_gp, transform_targets
 from tuning.space import SearchSpace
+from tuning.trainable import FAILURE_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -198,8 +199,8 @@ class GaussianProcessSearcher(Searcher):
         if config is None:
             return
 
-        if error:
-            self._failed_trials[trial_id] = "the trial raised an error"
+        if error or (result and result.get(FAILURE_KEY)):
+            self._failed_trials[trial_id] = str(result.get(FAILURE_KEY)) if result and result.get(FAILURE_KEY) else "the trial raised an error"
             logger.info("trial %s failed; its configuration is not registered with the GP", trial_id)
             return
         final = self._finite_metric(result) if result is not None else None

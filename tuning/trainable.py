@@ -21,6 +21,9 @@ logger = logging.getLogger(__name__)
 HEAD_WEIGHTS_FILE = "head.weights.h5"
 TRIAL_STATE_FILE = "trial_state.json"
 
+# Key of the last report of a trial that failed by itself; its value is the reason.
+FAILURE_KEY = "failure"
+
 
 @dataclass(frozen=True)
 class EmbeddingData:
@@ -73,13 +76,25 @@ def train_head(config: dict[str, Any], data: EmbeddingData, settings: TrialSetti
     best so far, so the kept checkpoint is always the best epoch. Training
     stops after `patience` epochs without improvement of the search metric.
 
-    Raises:
-        FloatingPointError: when the training or validation loss becomes NaN
-            or infinite, so the trial ends as failed with that reason.
+    A trial that fails by itself (a NaN or infinite loss, TensorFlow running
+    out of memory, any other exception in training) ends with a last report
+    whose `failure` names the reason and whose metric is NaN. Retrying it
+    would fail the same way, so it does not raise: Ray Tune keeps its retries
+    for trials whose worker or node died.
     """
     started = time.monotonic()
     _configure_tensorflow(settings.cpus_per_trial, settings.gpus_per_trial)
+    node = _node_address()
+    progress = {"epoch": 0}
+    try:
+        _train(config, data, settings, started, node, progress)
+    except Exception as error:  # noqa: BLE001 - every failure of the trial's own work ends it as failed
+        reason = f"{type(error).__name__}: {error}".strip()
+        logger.warning("trial failed at epoch %d: %s", progress["epoch"], reason)
+        tune.report({settings.metric: math.nan, FAILURE_KEY: reason, "epoch": progress["epoch"], "node": node})
 
+
+def _train(config: dict[str, Any], data: EmbeddingData, settings: TrialSettings, started: float, node: str, progress: dict[str, int]) -> None:
     import keras
 
     from models.classifier import build_head
@@ -101,14 +116,17 @@ def train_head(config: dict[str, Any], data: EmbeddingData, settings: TrialSetti
             head.load_weights(str(Path(folder) / HEAD_WEIGHTS_FILE))
             state = json.loads((Path(folder) / TRIAL_STATE_FILE).read_text())
         first_epoch, best = state["epoch"], state["best"]
-        logger.info("resuming trial from epoch %d", first_epoch)
+        # The learning rate decays with the optimizer's step count, so a resumed
+        # trial continues the schedule instead of starting it again.
+        head.optimizer.iterations.assign(first_epoch * steps_per_epoch)
+        logger.info("resuming trial from its checkpoint at epoch %d", first_epoch)
 
-    node = _node_address()
     startup_seconds = time.monotonic() - started
     sign = -1.0 if settings.mode == "min" else 1.0
     epochs_without_improvement = 0 if best is None else first_epoch - best["best_epoch"]
 
     for epoch in range(first_epoch + 1, settings.max_epochs + 1):
+        progress["epoch"] = epoch
         epoch_started = time.monotonic()
         history = head.fit(
             data.train, data.y_train, batch_size=batch_size, epochs=1,

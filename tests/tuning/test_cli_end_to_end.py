@@ -6,29 +6,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from cli_support import TINY_EXPERIMENT, run_cli
 
-TINY_EXPERIMENT = {
-    "name": "tiny",
-    "dataset": {"name": "digits", "classes": [5, 6, 7, 8, 9], "validation_split": 0.2, "seed": 0},
-    "backbone": {"name": "small_cnn", "image_size": 16, "weights": "pretrained",
-                 "pretrain": {"dataset": "digits", "classes": [0, 1, 2, 3, 4], "epochs": 3}},
-    "search": {
-        "metric": "val_loss", "mode": "min", "num_trials": 3, "max_concurrent": 2, "initial_points": 2, "seed": 0,
-        "space": {
-            "learning_rate": {"type": "loguniform", "low": 3.0e-3, "high": 3.0e-2},
-            "units_1": {"type": "int", "low": 32, "high": 128},
-            "dropout": {"type": "uniform", "low": 0.0, "high": 0.3},
-            "batch_size": {"type": "choice", "values": [32, 64]},
-        },
-    },
-    "training": {"max_epochs": 8, "patience": 3},
-}
 PARAMETERS = list(TINY_EXPERIMENT["search"]["space"])
 
 # Loads the exported model in a Python process that never imports this project.
@@ -47,14 +31,6 @@ print(json.dumps({
     "project_imported": any(name.split(".")[0] in ("models", "tuning") for name in sys.modules),
 }))
 """
-
-
-def run_cli(experiment: Path, storage: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "FROZEN_TUNE_CACHE": str(cache), "RAY_USAGE_STATS_ENABLED": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", "tuning", "run", str(experiment), "--storage", str(storage), *extra],
-        capture_output=True, text=True, timeout=900, env=environment,
-    )
 
 
 @pytest.fixture(scope="module")

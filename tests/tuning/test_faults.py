@@ -1,0 +1,172 @@
+"""Faults in real runs: a driver killed with SIGKILL and resumed, two runs on one folder, diverging trials."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from cli_support import cli_command, cli_environment, run_cli, tiny_experiment, write_experiment
+
+# "trial 00003 (0c7f2a1b) finished, 2 of 6 done: val_loss 0.0482 at best epoch ..."
+FINISHED_LINE = re.compile(r"trial (\d{5}) \((\w+)\) finished, \d+ of \d+ done: val_loss (\S+) ")
+
+
+def kill_process_group(process: subprocess.Popen, timeout: float = 60.0) -> None:
+    """SIGKILL the process group this test started (the driver and the local Ray under it) and wait until it is empty."""
+    group = os.getpgid(process.pid)
+    os.killpg(group, signal.SIGKILL)
+    process.wait(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"processes of group {group} still alive {timeout} s after SIGKILL")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_killed_run_resumes_exactly(tmp_path, cache):
+    experiment = write_experiment(tmp_path / "resume.yaml", tiny_experiment(**{"name": "resume", "search.num_trials": 6}))
+    storage = tmp_path / "runs"
+    process = subprocess.Popen(
+        cli_command(experiment, storage), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        env=cli_environment(cache), start_new_session=True,
+    )
+    finished_before_kill: dict[str, float] = {}
+    try:
+        for line in process.stderr:
+            match = FINISHED_LINE.search(line)
+            if match:
+                finished_before_kill[match.group(2)] = float(match.group(3))
+            if len(finished_before_kill) == 2:
+                break
+    finally:
+        kill_process_group(process)
+    assert len(finished_before_kill) == 2, "the run ended before two trials finished"
+    run_dir = storage / "resume"
+    assert not (run_dir / "results.csv").exists()
+
+    without_resume = run_cli(experiment, storage, cache)
+    assert without_resume.returncode == 2
+    assert "interrupted experiment" in without_resume.stderr
+    assert "--resume" in without_resume.stderr
+
+    resumed = run_cli(experiment, storage, cache, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming the interrupted run" in resumed.stderr
+
+    frame = pd.read_csv(run_dir / "results.csv")
+    assert len(frame) == 6
+    assert frame["trial_id"].is_unique
+    assert (frame["status"] == "TERMINATED").all()
+    assert sorted(frame["trial_number"]) == [1, 2, 3, 4, 5, 6]
+    by_id = frame.set_index("trial_id")
+    for trial_id, value in finished_before_kill.items():
+        assert by_id.loc[trial_id, "best_val_loss"] == pytest.approx(value, abs=5e-5)
+
+    again = run_cli(experiment, storage, cache, "--resume")
+    assert again.returncode == 2
+    assert "already finished" in again.stderr
+
+
+def test_resume_rejects_missing_or_changed(tmp_path, cache):
+    storage = tmp_path / "runs"
+    experiment = write_experiment(tmp_path / "never.yaml", tiny_experiment(name="never"))
+    missing = run_cli(experiment, storage, cache, "--resume")
+    assert missing.returncode == 2
+    assert "contains no interrupted experiment named 'never'" in missing.stderr
+    assert "run without --resume" in missing.stderr
+    assert not (storage / "never").exists()
+
+    # An interrupted run folder: the snapshot and Ray Tune's state file, as a killed run leaves them.
+    from tuning.config import parse_experiment
+    from tuning.run_folder import write_snapshot
+
+    config = parse_experiment(tiny_experiment(name="changed"))
+    config = config.model_copy(update={"storage": str(storage)})
+    (storage / "changed").mkdir(parents=True)
+    write_snapshot(config)
+    (storage / "changed" / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
+    changed = write_experiment(tmp_path / "changed.yaml", tiny_experiment(**{"name": "changed", "search.num_trials": 9}))
+    completed = run_cli(changed, storage, cache, "--resume")
+    assert completed.returncode == 2
+    assert "search.num_trials: 3 -> 9" in completed.stderr
+
+
+def test_busy_folder_rejects_second_run(tmp_path, cache):
+    experiment = write_experiment(tmp_path / "busy.yaml", tiny_experiment(name="busy"))
+    storage = tmp_path / "runs"
+    lock = storage / "busy" / ".frozen-tune.lock"
+    first = subprocess.Popen(
+        cli_command(experiment, storage), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=cli_environment(cache), start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (lock.exists() and lock.read_text().startswith("pid ")):
+            assert first.poll() is None, "the first run ended before it locked its folder"
+            assert time.monotonic() < deadline, "the first run never locked its folder"
+            time.sleep(0.2)
+
+        second = run_cli(experiment, storage, cache)
+        assert second.returncode == 2
+        assert f"being written by another frozen-tune run (pid {first.pid} on " in second.stderr
+        assert "--name" in second.stderr
+
+        _, first_errors = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            kill_process_group(first)
+    assert first.returncode == 0, first_errors[-3000:]
+    frame = pd.read_csv(storage / "busy" / "results.csv")
+    assert len(frame) == 3
+    assert (frame["status"] == "TERMINATED").all()
+
+
+def test_diverging_trials_fail_with_reason(tmp_path, cache):
+    space = {
+        "learning_rate": {"type": "loguniform", "low": 1.0e-2, "high": 1.0e6},
+        "batch_size": {"type": "choice", "values": [64, 128]},
+    }
+    experiment = write_experiment(tmp_path / "diverge.yaml", tiny_experiment(**{
+        "name": "diverge", "head": {"optimizer": "sgd"}, "search.space": space, "search.num_trials": 5,
+        "search.points_to_evaluate": [
+            {"learning_rate": 1.0e6, "batch_size": 64}, {"learning_rate": 3.0e5, "batch_size": 128},
+            {"learning_rate": 0.05, "batch_size": 64},
+        ],
+    }))
+    completed = run_cli(experiment, tmp_path / "runs", cache)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+    run_dir = tmp_path / "runs" / "diverge"
+    frame = pd.read_csv(run_dir / "results.csv")
+    failed = frame[frame["status"] == "ERROR"]
+    done = frame[frame["status"] == "TERMINATED"]
+    assert len(frame) == 5
+    assert len(failed) >= 2
+    assert len(done) >= 1
+    assert failed["error"].str.contains("the head diverged").all()
+    assert failed["best_val_loss"].isna().all()
+    assert done["best_val_loss"].map(math.isfinite).all()
+
+    import json
+
+    best = json.loads((run_dir / "best_config.json").read_text())
+    assert math.isfinite(best["metrics"]["best_val_loss"])
+    assert best["hyperparameters"]["learning_rate"] in set(done["learning_rate"])
+    report = (run_dir / "report.md").read_text()
+    assert "the head diverged" in report
+    assert re.search(r"trial \d{5} \(\w+\) failed, \d of 5 done: FloatingPointError", completed.stderr)
