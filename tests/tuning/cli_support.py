@@ -30,14 +30,17 @@ TINY_EXPERIMENT: dict[str, Any] = {
 
 
 def tiny_experiment(**changes: Any) -> dict[str, Any]:
-    """Return a copy of TINY_EXPERIMENT with dotted keys replaced, e.g. `{"search.num_trials": 6}`."""
+    """Return a copy of TINY_EXPERIMENT with dotted keys replaced, e.g. `{"search.num_trials": 6}`; None removes a key."""
     experiment = copy.deepcopy(TINY_EXPERIMENT)
     for dotted, value in changes.items():
         *parents, last = dotted.split(".")
         target = experiment
         for part in parents:
             target = target.setdefault(part, {})
-        target[last] = value
+        if value is None:
+            target.pop(last, None)
+        else:
+            target[last] = value
     return experiment
 
 
