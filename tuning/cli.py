@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from pathlib import Path
 
 import click
 import yaml
@@ -99,6 +101,28 @@ def check(experiment: str) -> None:
     resolved["cache_dir"] = str(config.cache_path())
     resolved["storage"] = config.storage_path()
     click.echo(yaml.safe_dump(resolved, sort_keys=False), nl=False)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top", type=int, default=3, show_default=True, help="How many of the most probable classes to print per image.")
+@click.option("--json", "as_json", is_flag=True, default=False,
+              help='Print a JSON list, one object per image: {"path", "top": [{"class", "index", "probability"}]}.')
+def predict(model: Path, images: tuple[Path, ...], top: int, as_json: bool) -> None:
+    """Classify IMAGES (files or folders of PNG, JPEG, BMP or GIF) with MODEL, a run's best_model.keras."""
+    from tuning.predict import PredictError, classify, collect_images, format_prediction
+
+    try:
+        predictions = classify(model, collect_images(list(images)), top)
+    except PredictError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_INVALID_INPUT)
+    if as_json:
+        click.echo(json.dumps(predictions, indent=2))
+        return
+    for prediction in predictions:
+        click.echo(format_prediction(prediction))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from cli_support import TINY_EXPERIMENT, run_cli
 
 PARAMETERS = list(TINY_EXPERIMENT["search"]["space"])
@@ -31,15 +30,6 @@ print(json.dumps({
     "project_imported": any(name.split(".")[0] in ("models", "tuning") for name in sys.modules),
 }))
 """
-
-
-@pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("end_to_end")
-    experiment = folder / "tiny.yaml"
-    experiment.write_text(yaml.safe_dump(TINY_EXPERIMENT))
-    completed = run_cli(experiment, folder / "runs", folder / "cache")
-    return folder, experiment, completed
 
 
 def test_run_succeeds_and_prints_best(first_run):
