@@ -116,6 +116,7 @@ def build_head(
     variance: np.ndarray,
     hyperparameters: dict[str, Any],
     steps_per_epoch: int,
+    steps_per_execution: int = 1,
 ) -> keras.Model:
     """Build and compile the classifier head that maps embeddings to class probabilities.
 
@@ -135,6 +136,9 @@ def build_head(
             HEAD_DEFAULTS. batch_size is validated here but used by the caller's fit.
         steps_per_epoch: Optimizer steps per epoch, at least 1, normally
             ceil(n_train / batch_size). It is the decay_steps of the schedule.
+        steps_per_execution: Training steps per call into TensorFlow's compiled
+            function (Keras' `steps_per_execution`). More steps per call cut the
+            Python work between small batches.
 
     Returns:
         The head, compiled with sparse categorical cross-entropy and accuracy.
@@ -192,7 +196,7 @@ def build_head(
         decay_rate=float(resolved["decay_rate"]),
     )
     optimizer = _OPTIMIZER_CLASSES[resolved["optimizer"]](learning_rate=schedule)
-    head.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    head.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"], steps_per_execution=int(steps_per_execution))
     return head
 
 
