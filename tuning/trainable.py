@@ -93,7 +93,7 @@ def train_head(config: dict[str, Any], data: EmbeddingData, settings: TrialSetti
         _train(config, data, settings, started, node, progress)
     except Exception as error:  # noqa: BLE001 - every failure of the trial's own work ends it as failed
         reason = f"{type(error).__name__}: {error}".strip()
-        logger.warning("trial failed at epoch %d: %s", progress["epoch"], reason)
+        logger.warning("trial %s failed at epoch %d: %s", tune.get_context().get_trial_id(), progress["epoch"], reason)
         tune.report({settings.metric: math.nan, FAILURE_KEY: reason, "epoch": progress["epoch"], "node": node})
 
 
