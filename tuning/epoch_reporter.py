@@ -24,9 +24,9 @@ class EpochReporter(keras.callbacks.Callback):
     """
 
     def __init__(self, settings: TrialSettings, hyperparameters: dict[str, Any], first_epoch: int, best: dict[str, Any] | None,
-                 node: str, startup_seconds: float, progress: dict[str, int]) -> None:
+                 labels: dict[str, Any], startup_seconds: float, progress: dict[str, int]) -> None:
         super().__init__()
-        self.settings, self.hyperparameters, self.best, self.node = settings, hyperparameters, best, node
+        self.settings, self.hyperparameters, self.best, self.labels = settings, hyperparameters, best, labels
         self.startup_seconds, self.progress = startup_seconds, progress
         self.sign = -1.0 if settings.mode == "min" else 1.0
         self.epochs_without_improvement = 0 if best is None else first_epoch - best["best_epoch"]
@@ -59,7 +59,7 @@ class EpochReporter(keras.callbacks.Callback):
 
         report = {
             **metrics, **self.best, "epoch": epoch, "epoch_seconds": time.monotonic() - self.epoch_started,
-            "startup_seconds": self.startup_seconds, "node": self.node,
+            "startup_seconds": self.startup_seconds, **self.labels, "ended_at": time.time(),
         }
         if improved:
             with tempfile.TemporaryDirectory() as folder:

@@ -25,7 +25,8 @@ def results_frame(results: Iterable[Any], parameter_names: list[str], metric: st
 
     Columns: trial_number, trial_id, every tuned hyperparameter, best_epoch,
     best_<metric> for each reported metric, epochs_run, status, error,
-    wall_seconds, startup_seconds, node, path.
+    wall_seconds, startup_seconds, started_at, ended_at (Unix times of the
+    trial's start and of its last report), node, path.
     """
     rows = []
     for result in results:
@@ -47,6 +48,8 @@ def results_frame(results: Iterable[Any], parameter_names: list[str], metric: st
         row["error"] = str(failure) if failure else _error_line(result.error)
         row["wall_seconds"] = metrics.get("time_total_s")
         row["startup_seconds"] = metrics.get("startup_seconds")
+        row["started_at"] = metrics.get("started_at")
+        row["ended_at"] = metrics.get("ended_at")
         row["node"] = metrics.get("node")
         row["path"] = result.path
         rows.append(row)

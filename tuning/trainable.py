@@ -87,17 +87,20 @@ def train_head(config: dict[str, Any], data: EmbeddingData, settings: TrialSetti
     """
     started = time.monotonic()
     _configure_tensorflow(settings.cpus_per_trial, settings.gpus_per_trial)
-    node = _node_address()
+    # Fields of every report: where the trial runs and when it started (Unix time).
+    labels = {"node": _node_address(), "started_at": time.time() - (time.monotonic() - started)}
     progress = {"epoch": 0}
     try:
-        _train(config, data, settings, started, node, progress)
+        _train(config, data, settings, started, labels, progress)
     except Exception as error:  # noqa: BLE001 - every failure of the trial's own work ends it as failed
         reason = f"{type(error).__name__}: {error}".strip()
         logger.warning("trial %s failed at epoch %d: %s", tune.get_context().get_trial_id(), progress["epoch"], reason)
-        tune.report({settings.metric: math.nan, FAILURE_KEY: reason, "epoch": progress["epoch"], "node": node})
+        tune.report({settings.metric: math.nan, FAILURE_KEY: reason, "epoch": progress["epoch"], **labels, "ended_at": time.time()})
 
 
-def _train(config: dict[str, Any], data: EmbeddingData, settings: TrialSettings, started: float, node: str, progress: dict[str, int]) -> None:
+def _train(
+    config: dict[str, Any], data: EmbeddingData, settings: TrialSettings, started: float, labels: dict[str, Any], progress: dict[str, int],
+) -> None:
     import keras
 
     from models.classifier import build_head
@@ -129,7 +132,7 @@ def _train(config: dict[str, Any], data: EmbeddingData, settings: TrialSettings,
 
     from tuning.epoch_reporter import EpochReporter
 
-    reporter = EpochReporter(settings, hyperparameters, first_epoch, best, node, time.monotonic() - started, progress)
+    reporter = EpochReporter(settings, hyperparameters, first_epoch, best, labels, time.monotonic() - started, progress)
     if first_epoch < settings.max_epochs and not reporter.patience_used_up():
         # One fit() for all epochs: the data is converted and the training step traced
         # once per trial, and the callback reports each epoch to Ray Tune.

@@ -45,9 +45,12 @@ def test_results_table_has_every_column(first_run):
     frame = pd.read_csv(folder / "runs" / "tiny" / "results.csv")
 
     assert len(frame) == 3
-    for column in [*PARAMETERS, "trial_id", "best_epoch", "best_val_loss", "best_val_accuracy", "epochs_run", "status", "node"]:
+    for column in [*PARAMETERS, "trial_id", "best_epoch", "best_val_loss", "best_val_accuracy", "epochs_run", "status", "node", "started_at", "ended_at"]:
         assert column in frame.columns
     assert (frame["status"] == "TERMINATED").all()
+    durations = frame["ended_at"] - frame["started_at"]
+    assert (durations > 0).all()
+    assert (durations <= frame["wall_seconds"] + 1.0).all()
     assert frame["trial_id"].is_unique
     assert frame["units_1"].between(32, 128).all()
     assert frame["batch_size"].isin([32, 64]).all()
