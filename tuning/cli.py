@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 import yaml
 
+from tuning.cli_jobs import jobs_group, submit
 from tuning.config import ConfigError, check_datasets, check_storage_writable, load_experiment, load_warm_start
 from tuning.run_folder import check_run_folder
 
@@ -82,7 +83,7 @@ def run(experiment: str, address: str | None, num_trials: int | None, storage: s
         click.echo(f"  {key:<18} {outcome.best_metrics.get(key)}")
     click.echo(f"Outputs in {outcome.run_dir}:")
     for file_name in ("results.csv", "best_config.json", "convergence.png", "report.md", "best_model.keras"):
-        click.echo(f"  {outcome.run_dir / file_name}")
+        click.echo(f"  {outcome.run_dir}/{file_name}")
 
 
 @main.command()
@@ -123,6 +124,10 @@ def predict(model: Path, images: tuple[Path, ...], top: int, as_json: bool) -> N
         return
     for prediction in predictions:
         click.echo(format_prediction(prediction))
+
+
+main.add_command(submit)
+main.add_command(jobs_group)
 
 
 if __name__ == "__main__":

@@ -580,3 +580,32 @@ def _is_number(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return not isinstance(value, bool)
+
+
+def check_cluster_paths(config: ExperimentConfig) -> None:
+    """Reject a relative storage or cache_dir in an experiment submitted to a cluster.
+
+    A submitted run starts in the job's working directory, a temporary folder
+    that Ray deletes after the job, so a relative path would put the run's
+    outputs or the cache there and lose them.
+
+    Raises:
+        ConfigError: naming the field and what to use instead.
+    """
+    if not config.is_remote_storage and not _is_absolute(config.storage):
+        raise ConfigError(
+            f"storage: {config.storage!r} is a relative path, which on the cluster would point into the job's "
+            "temporary working directory; pass --storage with a folder every node can reach (e.g. /mnt/shared/runs) "
+            "or a URI such as s3://bucket/runs or gs://bucket/runs"
+        )
+    if config.cache_dir is not None and not _is_absolute(config.cache_dir):
+        raise ConfigError(
+            f"cache_dir: {config.cache_dir!r} is a relative path, which on the cluster would point into the job's "
+            "temporary working directory; use an absolute path, or leave cache_dir out to use each node's "
+            f"${CACHE_DIR_VARIABLE} or ~/.cache/frozen-tune"
+        )
+
+
+def _is_absolute(path: str) -> bool:
+    # "~" expands on the cluster to the home folder of the user that runs Ray there.
+    return path.startswith("~") or Path(path).is_absolute()

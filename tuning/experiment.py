@@ -18,12 +18,14 @@ from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from tuning import report
 from tuning.config import ExperimentConfig, check_storage_writable, load_warm_start
 from tuning.run_folder import check_run_folder, hold_run_folder, write_snapshot
 from tuning.searcher import GaussianProcessSearcher
 from tuning.space import Parameter, SearchSpace
+from tuning.storage import check_storage_shared
 from tuning.trainable import FAILURE_KEY, HEAD_WEIGHTS_FILE, EmbeddingData, TrialSettings, train_head
 
 logger = logging.getLogger(__name__)
@@ -206,7 +208,8 @@ def run_experiment(config: ExperimentConfig, *, address: str | None = None, dash
 
     Raises:
         ConfigError: when the run folder does not allow this run (see
-            tuning.run_folder) or the storage is not writable.
+            tuning.run_folder), the storage is not writable, or some node of
+            the cluster at `address` cannot reach it.
         ExperimentError: when Ray cannot be reached or every trial failed.
     """
     started = time.monotonic()
@@ -215,6 +218,8 @@ def run_experiment(config: ExperimentConfig, *, address: str | None = None, dash
 
     started_ray = start_ray(address, dashboard=dashboard)
     try:
+        if address is not None:
+            check_storage_shared(config)
         logger.info("experiment %s: preparing embeddings (backbone %s, dataset %s)", config.name, config.backbone.name, config.dataset.name)
         data = _prepare_on_cluster(config)
         logger.info(
@@ -236,6 +241,12 @@ def _prepare_on_cluster(config: ExperimentConfig) -> PreparedData:
     # Ask for a GPU only when the cluster has one, so CPU-only clusters can schedule the task.
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(prepare_data)
+    if gpus == 0:
+        # Prefer the driver's node: the export at the end loads the backbone from this node's
+        # cache, so it finds the weights the embeddings came from.
+        # NOTE: a GPU task may run on another node; then the export pretrains the backbone
+        # again unless cache_dir is on storage every node can reach.
+        task = task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True))
     return ray.get(task.remote(config))
 
 

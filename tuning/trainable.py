@@ -74,7 +74,8 @@ def train_head(config: dict[str, Any], data: EmbeddingData, settings: TrialSetti
 
     Each report contains `loss`, `accuracy`, `val_loss`, `val_accuracy`, the
     values of the best epoch so far under the search metric (`best_epoch`,
-    `best_val_loss`, ...), the node's address and the trial's start-up time.
+    `best_val_loss`, ...), the node's address and Ray node id, and the
+    trial's start-up time.
     A checkpoint of the head's weights is attached whenever the epoch is the
     best so far, so the kept checkpoint is always the best epoch. Training
     stops after `patience` epochs without improvement of the search metric.
@@ -171,9 +172,14 @@ def _trial_seed(seed: int, hyperparameters: dict[str, Any]) -> int:
 
 
 def _node_address() -> str:
+    """Label the node: its IP address and Ray node id, e.g. `10.0.0.5 6f0c...` (56 hex digits).
+
+    Several nodes can share one IP address (containers, or nodes started on
+    one machine), so the node id tells them apart.
+    """
     try:
         import ray
 
-        return ray.util.get_node_ip_address()
+        return f"{ray.util.get_node_ip_address()} {ray.get_runtime_context().get_node_id()}"
     except Exception:  # noqa: BLE001 - the address only labels results; never fail a trial over it
         return socket.gethostname()

@@ -1,0 +1,75 @@
+"""Storage checks for runs on a Ray cluster: every node must reach the run's storage."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from pathlib import Path
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from tuning.config import ConfigError, ExperimentConfig
+
+logger = logging.getLogger(__name__)
+
+# Seconds to wait for every node to answer the storage check; the probe tasks need no CPU,
+# so only a node that is starting up or overloaded takes longer than a second or two.
+PROBE_TIMEOUT_SECONDS = 120
+PROBE_PREFIX = ".frozen-tune-probe-"
+
+
+def _read_probe(path: str) -> str | None:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError:
+        return None
+
+
+def check_storage_shared(config: ExperimentConfig) -> None:
+    """Check that every alive node of the connected cluster sees the run's local storage folder.
+
+    Trials write checkpoints on the node they run on and the driver writes
+    the results, so a folder that exists on one node only would scatter the
+    run over several disks. The driver writes a probe file with a random
+    content into the storage folder, and a task pinned to each node reads it
+    back. Cloud URIs (s3://, gs://) pass without a check.
+
+    NOTE: nodes that join later (autoscaling) are not checked.
+
+    Raises:
+        ConfigError: naming the nodes that cannot see the folder and what to use instead.
+    """
+    if config.is_remote_storage:
+        return
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    folder = Path(config.storage_path())
+    content = secrets.token_hex(16)
+    probe = folder / f"{PROBE_PREFIX}{content[:8]}"
+    probe.write_text(content, encoding="utf-8")
+
+    read_probe = ray.remote(num_cpus=0, max_retries=0)(_read_probe)
+    try:
+        pending = [
+            read_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(str(probe))
+            for node in nodes
+        ]
+        try:
+            answers = ray.get(pending, timeout=PROBE_TIMEOUT_SECONDS)
+        except ray.exceptions.GetTimeoutError:
+            raise ConfigError(
+                f"storage: the check that every node can reach {str(folder)!r} timed out after {PROBE_TIMEOUT_SECONDS} s; "
+                "check `ray status` for nodes that are starting or unhealthy"
+            ) from None
+    finally:
+        probe.unlink(missing_ok=True)
+
+    missing = [node for node, answer in zip(nodes, answers) if answer != content]
+    if missing:
+        names = ", ".join(f"{node['NodeManagerAddress']} (node {node['NodeID'][:12]})" for node in missing)
+        raise ConfigError(
+            f"storage: {config.storage!r} is not shared: {len(missing)} of {len(nodes)} nodes cannot see {folder} ({names}). "
+            "A run on a cluster needs storage every node can reach: pass --storage with a shared file system "
+            "mounted at the same path on every node (NFS, EFS, Filestore), or a URI such as s3://bucket/runs or gs://bucket/runs"
+        )
+    logger.info("storage %s is reachable from all %d nodes", folder, len(nodes))
