@@ -126,7 +126,7 @@ def dashboard_url(address: str) -> str:
     Raises:
         ConfigError: for `auto`, `ray://` addresses and anything without a host.
     """
-    text = address.strip().rstrip("/")
+    text = address.strip()
     if text == "auto" or text.startswith("ray://"):
         raise ConfigError(
             f"--address {address!r} is not a Jobs API address; jobs go to the head node's dashboard, "
@@ -141,7 +141,7 @@ def dashboard_url(address: str) -> str:
         parts.port
     except ValueError:
         raise ConfigError(f"--address {address!r} has an invalid port; use the dashboard's URL, e.g. http://HEAD:8265") from None
-    return text
+    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
 
 
 def connect(address: str) -> Any:
