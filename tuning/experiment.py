@@ -25,7 +25,7 @@ from tuning.config import ExperimentConfig, check_storage_writable, load_warm_st
 from tuning.run_folder import check_run_folder, hold_run_folder, write_snapshot
 from tuning.searcher import GaussianProcessSearcher
 from tuning.space import Parameter, SearchSpace
-from tuning.storage import check_storage_shared
+from tuning.storage import check_storage_shared, output_folder
 from tuning.trainable import FAILURE_KEY, HEAD_WEIGHTS_FILE, EmbeddingData, TrialSettings, train_head
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class PreparedData:
 class ExperimentOutcome:
     """Location of a finished run's outputs and the best trial's values."""
 
-    run_dir: Path
+    run_dir: str  # a local folder or a URI such as s3://bucket/runs/quickstart
     best_trial_id: str
     best_trial_number: str
     best_config: dict[str, Any]
@@ -424,22 +424,22 @@ def _write_outputs(config: ExperimentConfig, data: PreparedData, results: tune.R
     best_hyperparameters = config.head_hyperparameters(best_tuned)
     best_metrics = {name: _python_value(best_row[name]) for name in report.best_metric_columns(frame)}
 
-    run_dir = Path(config.run_dir())
-    report.write_csv(frame, run_dir / "results.csv")
-    _write_json(run_dir / "best_config.json", {
-        "trial_number": best_trial_number, "trial_id": best_trial_id, "hyperparameters": best_hyperparameters,
-        "metrics": best_metrics,
-        "metric": config.search.metric, "mode": config.search.mode,
-    })
-    report.plot_convergence(frame, config.search.metric, config.search.mode, run_dir / "convergence.png")
-    model_path = _export_best_model(config, data, best_result, best_hyperparameters, run_dir / "best_model.keras")
-    report.write_report(
-        frame, config, run_dir / "report.md", best_trial=f"{best_trial_number} ({best_trial_id})", wall_seconds=elapsed, model_path=model_path,
-        data_summary=_data_summary(data),
-    )
-    logger.info("experiment %s finished in %.0f s; outputs in %s", config.name, elapsed, run_dir)
+    with output_folder(config) as run_dir:
+        report.write_csv(frame, run_dir / "results.csv")
+        _write_json(run_dir / "best_config.json", {
+            "trial_number": best_trial_number, "trial_id": best_trial_id, "hyperparameters": best_hyperparameters,
+            "metrics": best_metrics,
+            "metric": config.search.metric, "mode": config.search.mode,
+        })
+        report.plot_convergence(frame, config.search.metric, config.search.mode, run_dir / "convergence.png")
+        model_path = _export_best_model(config, data, best_result, best_hyperparameters, run_dir / "best_model.keras")
+        report.write_report(
+            frame, config, run_dir / "report.md", best_trial=f"{best_trial_number} ({best_trial_id})", wall_seconds=elapsed, model_path=model_path,
+            data_summary=_data_summary(data),
+        )
+    logger.info("experiment %s finished in %.0f s; outputs in %s", config.name, elapsed, config.run_dir())
     return ExperimentOutcome(
-        run_dir=run_dir, best_trial_id=best_trial_id, best_trial_number=best_trial_number, best_config=best_hyperparameters, best_metrics=best_metrics,
+        run_dir=config.run_dir(), best_trial_id=best_trial_id, best_trial_number=best_trial_number, best_config=best_hyperparameters, best_metrics=best_metrics,
         num_trials=len(frame), num_failed=int((frame["status"] != report.STATUS_COMPLETED).sum()), wall_seconds=elapsed, data=data,
     )
 

@@ -1,10 +1,13 @@
-"""Storage checks for runs on a Ray cluster: every node must reach the run's storage."""
+"""Run storage: the check that every node of a cluster reaches it, and writing outputs to a URI."""
 
 from __future__ import annotations
 
 import logging
 import secrets
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -73,3 +76,28 @@ def check_storage_shared(config: ExperimentConfig) -> None:
             "mounted at the same path on every node (NFS, EFS, Filestore), or a URI such as s3://bucket/runs or gs://bucket/runs"
         )
     logger.info("storage %s is reachable from all %d nodes", folder, len(nodes))
+
+
+@contextmanager
+def output_folder(config: ExperimentConfig) -> Iterator[Path]:
+    """Yield the local folder to write the run's outputs (results.csv, report, model) into.
+
+    For a local storage path that is the run folder itself. For a URI
+    (s3://, gs://, any filesystem pyarrow knows), the outputs are written to
+    a temporary folder and copied to the run folder under the URI when the
+    block ends without an error.
+    """
+    if not config.is_remote_storage:
+        folder = Path(config.run_dir())
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+        return
+
+    import pyarrow.fs
+
+    with tempfile.TemporaryDirectory(prefix="frozen-tune-outputs-") as folder:
+        yield Path(folder)
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(config.run_dir())
+        filesystem.create_dir(path, recursive=True)
+        pyarrow.fs.copy_files(folder, path, destination_filesystem=filesystem)
+        logger.info("copied the outputs to %s", config.run_dir())
