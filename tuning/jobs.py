@@ -2,8 +2,8 @@
 
 Everything here goes through the Ray Jobs API, which the head node's
 dashboard serves (by default on port 8265). A submission uploads a small
-working directory, which holds the experiment file and the local files it
-names, and starts `python -m tuning run` on the cluster with the same
+working directory, which contains the experiment file and the local files
+it names, and starts `python -m tuning run` on the cluster with the same
 overrides. The cluster must have frozen-tune installed (see cluster/).
 
 Token authentication: Ray 2.52 and newer reject Jobs API requests without
@@ -46,20 +46,20 @@ logger = logging.getLogger(__name__)
 
 TOKEN_VARIABLE = "RAY_AUTH_TOKEN"
 TOKEN_PATH_VARIABLE = "RAY_AUTH_TOKEN_PATH"
-# Where `ray get-auth-token --generate` saves the token (Ray 2.52 to 2.60).
+# Default token file, written by `ray get-auth-token --generate` (Ray 2.52 to 2.60).
 DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
 
 # Seconds to wait for a TCP connection to the dashboard before giving up.
 CONNECT_TIMEOUT_SECONDS = 5
-# Seconds to wait for the dashboard's answer to one request once connected.
+# Seconds to wait for the dashboard's response to one request once connected.
 RESPONSE_TIMEOUT_SECONDS = 60
 
 # Ray's dashboard rejects uploads above 100 MiB (ray_constants.DASHBOARD_CLIENT_MAX_SIZE in Ray 2.60).
 MAX_WORKING_DIR_BYTES = 100 * 1024**2
 
 # Fields of an experiment file that may name a local file or folder the run reads. The
-# job's working directory gets a copy of each one that exists here; storage and
-# cache_dir are never copied, because they hold run folders and caches.
+# job's working directory gets a copy of each one that exists on this machine. Storage
+# and cache_dir are never copied, because they contain run folders and caches.
 INPUT_FIELDS: tuple[str, ...] = ("search.warm_start", "dataset.path", "backbone.pretrain.path", "backbone.weights")
 # Values of the fields above that are keywords, not paths.
 INPUT_KEYWORDS = frozenset({"pretrained", "none", "imagenet"})
@@ -73,7 +73,7 @@ STATUS_POLL_SECONDS = 2
 
 
 class JobError(RuntimeError):
-    """A request to the cluster that failed; the message says what to check."""
+    """A request to the cluster that failed, with a message that names what to check."""
 
 
 @dataclass(frozen=True)
@@ -104,9 +104,9 @@ def read_token() -> Token | None:
         try:
             value = path.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as error:
-            raise JobError(f"{TOKEN_PATH_VARIABLE}={token_path!r} cannot be read ({error}); point it at the file that holds the cluster token") from None
+            raise JobError(f"{TOKEN_PATH_VARIABLE}={token_path!r} cannot be read ({error}); point it at the file that contains the cluster token") from None
         if not value:
-            raise JobError(f"{TOKEN_PATH_VARIABLE}={token_path!r} is empty; point it at the file that holds the cluster token")
+            raise JobError(f"{TOKEN_PATH_VARIABLE}={token_path!r} is empty; point it at the file that contains the cluster token")
         return Token(value, f"{TOKEN_PATH_VARIABLE} ({path})")
 
     path = DEFAULT_TOKEN_FILE.expanduser()
@@ -188,7 +188,7 @@ def _authentication_error(url: str, token: Token | None, error: Exception) -> Jo
     # Ray's client raises AuthenticationError with "Authentication required" for HTTP 401
     # (no token sent) and "Authentication failed" for HTTP 403 (wrong token).
     where_to_find = (
-        f"set {TOKEN_VARIABLE}, or {TOKEN_PATH_VARIABLE} to a file that holds it, or save it as {DEFAULT_TOKEN_FILE}; "
+        f"set {TOKEN_VARIABLE}, or {TOKEN_PATH_VARIABLE} to a file that contains it, or save it as {DEFAULT_TOKEN_FILE}; "
         "`ray get-auth-token` on the head node prints it"
     )
     if token is None or str(error).startswith("Authentication required"):

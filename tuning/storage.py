@@ -16,8 +16,8 @@ from tuning.config import ConfigError, ExperimentConfig
 
 logger = logging.getLogger(__name__)
 
-# Seconds to wait for every node to answer the storage check; the probe tasks need no CPU,
-# so only a node that is starting up or overloaded takes longer than a second or two.
+# Seconds to wait for every node to run the storage check. The probe tasks need no CPU, so
+# only a node that is starting up or overloaded takes longer than a second or two.
 PROBE_TIMEOUT_SECONDS = 120
 PROBE_PREFIX = ".frozen-tune-probe-"
 
@@ -30,7 +30,7 @@ def _read_probe(path: str) -> str | None:
 
 
 def check_storage_shared(config: ExperimentConfig) -> None:
-    """Check that every alive node of the connected cluster sees the run's local storage folder.
+    """Check that every alive node of the connected cluster can read the run's local storage folder.
 
     Trials write checkpoints on the node they run on and the driver writes
     the results, so a folder that exists on one node only would scatter the
@@ -83,7 +83,7 @@ def output_folder(config: ExperimentConfig) -> Iterator[Path]:
     """Yield the local folder to write the run's outputs (results.csv, report, model) into.
 
     For a local storage path that is the run folder itself. For a URI
-    (s3://, gs://, any filesystem pyarrow knows), the outputs are written to
+    (s3://, gs://, any filesystem that pyarrow supports), the outputs are written to
     a temporary folder and copied to the run folder under the URI when the
     block ends without an error.
     """

@@ -175,7 +175,7 @@ def _node_address() -> str:
     """Label the node: its IP address and Ray node id, e.g. `10.0.0.5 6f0c...` (56 hex digits).
 
     Several nodes can share one IP address (containers, or nodes started on
-    one machine), so the node id tells them apart.
+    one machine), so the node id distinguishes them.
     """
     try:
         import ray

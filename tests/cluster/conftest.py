@@ -1,9 +1,9 @@
 """A real two-node Ray cluster on 127.0.0.1 with token authentication, for the remote-submission tests.
 
 The head and one worker run as `ray start --block` processes, each in a
-process group of its own, with free ports and a Ray temp dir of its own
-(nodes that share one also share the unpacked job working directories,
-and one node's clean-up removes the other's). The fixture's finaliser stops exactly those two process groups.
+process group of its own, with free ports and a Ray temp dir of its own.
+Nodes that share a temp dir also share the unpacked job working
+directories, and one node's clean-up removes the other's. The fixture's finaliser stops exactly those two process groups.
 
 Both nodes get PYTHONPATH set to this checkout, which stands in for a real
 cluster's `pip install` of the project in its setup commands: the jobs
@@ -79,7 +79,7 @@ def _start_node(command: list[str], environment: dict[str, str], log: Path) -> s
 
 
 def _wait_for_nodes(url: str, token: str, expected: int, processes: list[subprocess.Popen], logs: list[Path]) -> None:
-    """Wait until the dashboard answers an authenticated request and lists `expected` alive nodes."""
+    """Wait until the dashboard accepts an authenticated request and lists `expected` alive nodes."""
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     headers = {"Authorization": f"Bearer {token}"}
     while time.monotonic() < deadline:
