@@ -30,17 +30,20 @@ def _address_option(function):
 @click.option("--num-trials", type=int, default=None, help="Override search.num_trials.")
 @click.option("--storage", default=None, help="Override storage: a folder every node can reach, or a URI such as s3://bucket/runs.")
 @click.option("--name", default=None, help="Override the experiment name (the run folder's name).")
+@click.option("--resume", is_flag=True, default=False,
+              help="Continue the interrupted experiment in the run folder on the cluster, as `frozen-tune run --resume` does.")
 @click.option("--wait/--no-wait", default=False, show_default=True,
               help="Stream the job's output until it ends; exit 0 only when the job succeeded.")
 @click.pass_context
-def submit(context: click.Context, experiment: str, address: str, num_trials: int | None, storage: str | None, name: str | None, wait: bool) -> None:
+def submit(context: click.Context, experiment: str, address: str, num_trials: int | None, storage: str | None, name: str | None,
+           resume: bool, wait: bool) -> None:
     """Submit EXPERIMENT to a Ray cluster as a Ray job that runs `frozen-tune run` there.
 
     The job's working directory contains the experiment file and the local
     files it names (such as search.warm_start), never run folders or caches. The
     cluster token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
     """
-    overrides = {"num_trials": num_trials, "storage": storage, "name": name}
+    overrides = {"num_trials": num_trials, "storage": storage, "name": name, "resume": resume}
     try:
         config = load_experiment(
             experiment,

@@ -208,7 +208,7 @@ class _TimedJobSubmissionClient(JobSubmissionClient):
         try:
             return super()._do_request(method, endpoint, **kwargs)
         except requests.exceptions.Timeout:
-            raise JobError(f"the Ray dashboard at {self._address} did not answer {method} {endpoint} within {RESPONSE_TIMEOUT_SECONDS} s") from None
+            raise JobError(f"the Ray dashboard at {self._address} timed out: no response to {method} {endpoint} within {RESPONSE_TIMEOUT_SECONDS} s") from None
         except requests.exceptions.ConnectionError as error:
             raise JobError(f"the connection to the Ray dashboard at {self._address} failed: {error}") from None
 
@@ -279,13 +279,16 @@ def entrypoint_command(experiment_file: str, overrides: dict[str, Any], log_leve
 
     Args:
         experiment_file: The experiment file's name inside the working directory.
-        overrides: `num_trials`, `storage` and `name`; None values are left out.
+        overrides: `num_trials`, `storage` and `name`, where None values are
+            left out, and `resume`, which adds `--resume` when true.
         log_level: The `--log-level` of the run.
     """
     words = ["python", "-m", "tuning", "--log-level", log_level, "run", experiment_file, "--address", "auto"]
     for option, key in (("--num-trials", "num_trials"), ("--storage", "storage"), ("--name", "name")):
         if overrides.get(key) is not None:
             words += [option, str(overrides[key])]
+    if overrides.get("resume"):
+        words.append("--resume")
     return shlex.join(words)
 
 
@@ -296,7 +299,7 @@ def submit_experiment(client: Any, experiment_path: str | Path, config: Experime
         client: From `connect`.
         experiment_path: The experiment file as the user named it.
         config: The same file, validated with the overrides applied.
-        overrides: `num_trials`, `storage` and `name` from the command line.
+        overrides: `num_trials`, `storage`, `name` and `resume` from the command line.
         log_level: The `--log-level` of the run on the cluster.
 
     Raises:
@@ -333,7 +336,7 @@ def job_info(client: Any, job_id: str) -> Any:
 
 
 def list_jobs(client: Any) -> list[Any]:
-    """Return every job the cluster knows, oldest first."""
+    """Return every job the cluster has run or is running, oldest first."""
     try:
         jobs = client.list_jobs()
     except RuntimeError as error:

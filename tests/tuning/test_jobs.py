@@ -166,6 +166,12 @@ def test_working_dir_size_limit(tmp_path, monkeypatch):
         jobs.stage_working_dir("experiment.yaml", staging)
 
 
+def test_entrypoint_passes_resume():
+    command = jobs.entrypoint_command("quickstart.yaml", {"storage": "/mnt/shared/runs", "resume": True})
+
+    assert command.endswith("--storage /mnt/shared/runs --resume")
+
+
 def test_entrypoint_runs_same_overrides():
     command = jobs.entrypoint_command("my experiment.yaml", {"num_trials": 4, "storage": "/mnt/shared runs", "name": None}, "debug")
 
