@@ -27,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +52,8 @@ class TwoNodeCluster:
     shared_storage: Path
     node_local_storage: Path
     folder: Path
+    gcs_address: str
+    worker: subprocess.Popen
 
     def client_environment(self, *, token: str | None = "cluster", home: Path | None = None) -> dict[str, str]:
         """Environment for a `frozen-tune` client process, with the cluster's token, another token, or none.
@@ -130,6 +134,14 @@ def _stop_process_groups(processes: list[subprocess.Popen]) -> None:
 
 @pytest.fixture(scope="session")
 def two_node_cluster():
+    """One cluster for the whole session; tests must leave both nodes running."""
+    with running_two_node_cluster() as cluster:
+        yield cluster
+
+
+@contextmanager
+def running_two_node_cluster() -> Iterator[TwoNodeCluster]:
+    """Start the head and the worker node, yield the cluster, and stop both process groups at the end."""
     if shutil.which("unshare") is None or os.geteuid() != 0:
         pytest.skip("the two-node test needs root and util-linux's unshare to give the worker node a folder of its own")
 
@@ -176,7 +188,7 @@ def two_node_cluster():
         logs.append(worker_log)
         url = f"http://127.0.0.1:{dashboard_port}"
         _wait_for_nodes(url, token, 2, processes, logs)
-        yield TwoNodeCluster(url, token, shared_storage, node_local_storage, folder)
+        yield TwoNodeCluster(url, token, shared_storage, node_local_storage, folder, f"127.0.0.1:{gcs_port}", worker)
     finally:
         _stop_process_groups(processes)
         shutil.rmtree(folder, ignore_errors=True)

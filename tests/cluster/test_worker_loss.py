@@ -1,0 +1,92 @@
+"""A trial whose node dies is retried from its checkpoint on the surviving node.
+
+The test starts its own two-node cluster, because it kills the worker node:
+`frozen-tune run --address` drives two long trials at once on two
+one-CPU nodes, and the worker node's process group gets SIGKILL while its
+trial trains.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pandas as pd
+import requests
+import yaml
+from conftest import REPOSITORY, running_two_node_cluster
+
+QUICKSTART = REPOSITORY / "examples" / "quickstart.yaml"
+
+# Seconds between the start of the trials and the kill: long enough for both first trials
+# to be placed (one per node), short of their end (EPOCHS epochs each, no early stop).
+KILL_AFTER_SECONDS = 12
+EPOCHS = 200
+RETRY_LINE = re.compile(r"trial (\d{5}) \((\w+)\) lost its worker .*retry 1 of 2")
+
+
+def head_node_id(cluster) -> str:
+    answer = requests.get(
+        f"{cluster.dashboard_url}/nodes?view=summary", headers={"Authorization": f"Bearer {cluster.token}"}, timeout=30,
+    )
+    answer.raise_for_status()
+    nodes = answer.json()["data"]["summary"]
+    return next(node["raylet"]["nodeId"] for node in nodes if node["raylet"].get("isHeadNode"))
+
+
+def test_trial_on_lost_node_finishes_on_head(tmp_path):
+    with running_two_node_cluster() as cluster:
+        head = head_node_id(cluster)
+        experiment = yaml.safe_load(QUICKSTART.read_text())
+        experiment["name"] = "worker-loss"
+        experiment["search"].update({"num_trials": 2, "max_concurrent": 2})
+        experiment["training"] = {"max_epochs": EPOCHS, "patience": EPOCHS, "max_failures": 2}
+        path = tmp_path / "worker-loss.yaml"
+        path.write_text(yaml.safe_dump(experiment))
+
+        environment = cluster.client_environment()
+        environment.update({"RAY_AUTH_MODE": "token", "FROZEN_TUNE_CACHE": str(cluster.folder / "cache")})
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "tuning", "run", str(path), "--address", cluster.gcs_address, "--storage", str(cluster.shared_storage)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, cwd=REPOSITORY, start_new_session=True,
+        )
+        lines: list[str] = []
+        tuner_started = threading.Event()
+
+        def read_errors() -> None:
+            for line in driver.stderr:
+                lines.append(line)
+                if "trials, at most 2 at a time" in line:
+                    tuner_started.set()
+
+        reader = threading.Thread(target=read_errors, daemon=True)
+        reader.start()
+        try:
+            assert tuner_started.wait(timeout=600), "".join(lines)[-3000:]
+            time.sleep(KILL_AFTER_SECONDS)
+            assert driver.poll() is None, "".join(lines)[-3000:]
+            os.killpg(cluster.worker.pid, signal.SIGKILL)
+            cluster.worker.wait(timeout=60)
+            output, _ = driver.communicate(timeout=900)
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+                driver.wait()
+        reader.join(timeout=30)
+        errors = "".join(lines)
+
+        assert driver.returncode == 0, errors[-4000:]
+        retried = RETRY_LINE.search(errors)
+        assert retried, errors[-4000:]
+        frame = pd.read_csv(cluster.shared_storage / "worker-loss" / "results.csv")
+        assert len(frame) == 2
+        assert (frame["status"] == "TERMINATED").all()
+        row = frame.set_index("trial_id").loc[retried.group(2)]
+        assert row["node"].endswith(head)
+        assert row["epochs_run"] == EPOCHS
+        assert "Best trial" in output
