@@ -10,6 +10,7 @@ import pytest
 from models.backbones import PREPROCESSING_VERSION
 from models.datasets import Dataset, load_dataset
 from models.features import (
+    MANIFEST_FILE,
     Embeddings,
     compute_embeddings,
     embedding_cache_key,
@@ -35,13 +36,15 @@ def test_embedding_cache_round_trip(tmp_path: Path) -> None:
     path = save_embeddings(tmp_path, key, embeddings)
     loaded = load_cached_embeddings(tmp_path, key)
 
-    assert path == tmp_path / "embeddings" / f"{key}.npz"
+    assert path == tmp_path / "embeddings" / key
+    assert sorted(entry.name for entry in path.iterdir()) == [MANIFEST_FILE, "train.npy", "val.npy"]
     assert loaded is not None
+    assert isinstance(loaded.train, np.memmap)
     assert loaded.train.dtype == np.float32
     assert loaded.val.dtype == np.float32
     np.testing.assert_array_equal(loaded.train, embeddings.train)
     np.testing.assert_array_equal(loaded.val, embeddings.val)
-    # The temporary file was renamed onto the final one.
+    # The temporary folder was renamed onto the final one.
     assert [entry.name for entry in path.parent.iterdir()] == [path.name]
 
 
@@ -54,16 +57,23 @@ def test_save_embeddings_replaces_existing_file(tmp_path: Path) -> None:
 
     assert loaded is not None
     np.testing.assert_array_equal(loaded.train, newer.train)
+    # The replaced entry was deleted, and no temporary folder is left.
+    assert [entry.name for entry in (tmp_path / "embeddings").iterdir()] == ["key"]
 
 
 def test_load_cached_embeddings_missing_returns_none(tmp_path: Path) -> None:
     assert load_cached_embeddings(tmp_path, "0123abcd") is None
 
 
-def test_load_cached_embeddings_corrupt_returns_none(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    path = tmp_path / "embeddings" / "broken.npz"
-    path.parent.mkdir()
-    path.write_bytes(b"not a zip archive")
+@pytest.mark.parametrize("damage", ["manifest", "array", "shape"])
+def test_load_cached_embeddings_corrupt_returns_none(damage: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = save_embeddings(tmp_path, "broken", _random_embeddings())
+    if damage == "manifest":
+        (path / MANIFEST_FILE).write_text("{not json")
+    elif damage == "array":
+        (path / "train.npy").write_bytes(b"not a numpy file")
+    else:
+        np.save(path / "val.npy", np.zeros((3, 12), np.float32))
 
     with caplog.at_level(logging.WARNING, logger="models.features"):
         loaded = load_cached_embeddings(tmp_path, "broken")
