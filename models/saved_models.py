@@ -98,7 +98,7 @@ def load_saved_model_backbone(
     channels, image_size = _check_input(model, path, image_size)
     cut_layer = _find_layer(model, path, layer, info)
     try:
-        cut = keras.Model(model.inputs, cut_layer.output, name=f"{model.name}_cut")
+        cut = keras.Model(model.inputs[0], cut_layer.output, name=f"{model.name}_cut")
     except (ValueError, AttributeError) as error:
         raise BackboneError(
             f"Cannot cut the saved model {str(path)!r} at layer {cut_layer.name!r}: {_first_line(error)}. "
