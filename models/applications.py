@@ -94,9 +94,9 @@ def build_application_backbone(name: str, *, weights: str, image_size: int, seed
         name: A key of models.backbone_specs.APPLICATIONS, for example "MobileNetV2".
         weights: "imagenet" (Keras downloads the file once and caches it in
             ~/.keras/models), "none" (random weights from seed), or the path of
-            a weights file ending in .h5, .hdf5 or .weights.h5 that was saved
-            from the same network without its classifier, for example Keras'
-            own "..._notop.h5" ImageNet file copied to a machine without internet.
+            a .h5, .hdf5 or .weights.h5 file. The file must come from the same
+            network without its classifier. Keras' own "..._notop.h5" ImageNet
+            file, copied to a machine without internet, is one such file.
         image_size: Input side length in pixels, at least the application's minimum.
         seed: Keras global seed for "none"; ignored otherwise.
 

@@ -1,9 +1,9 @@
 """What each backbone accepts, readable without TensorFlow.
 
 The experiment file schema (tuning.config) checks backbone names, weights,
-image sizes and saved-model layers before Ray or TensorFlow start, so the facts
-it needs live here: the table of Keras Applications, the weights keywords and
-a reader for the layer names and input shape stored in a saved Keras model.
+image sizes and saved-model layers before Ray or TensorFlow start. The facts it
+needs therefore live here: the table of Keras Applications, the weights
+keywords and a reader for the layer names and input shape of a saved Keras model.
 
 Example:
     >>> APPLICATIONS["MobileNetV2"].min_image_size
@@ -36,7 +36,7 @@ WEIGHTS_FILE_SUFFIXES = (".h5", ".hdf5")
 SAVED_MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 
 # Keras loaders such as image_dataset_from_directory yield pixels in 0..255,
-# so models trained on their output expect that range unless told otherwise.
+# so models trained on their output expect that range by default.
 DEFAULT_SAVED_MODEL_INPUT_RANGE = (0.0, 255.0)
 
 

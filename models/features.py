@@ -404,6 +404,6 @@ def _move_into_place(staging: Path, path: Path, *, replace: bool) -> None:
     except OSError:
         if not path.exists():
             raise
-        # Another process stored the same key first; its entry holds the same numbers.
+        # Another process stored the same key first, and its entry contains the same numbers.
         logger.info("Another process stored embeddings at %s meanwhile; keeping those.", path)
         shutil.rmtree(staging, ignore_errors=True)

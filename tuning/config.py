@@ -99,8 +99,8 @@ class PretrainConfig(_Strict):
 class BackboneConfig(_Strict):
     """The frozen backbone: small_cnn, a Keras Application by name, or a saved model by path.
 
-    Unset fields take the chosen backbone's defaults during validation: weights
-    are "pretrained" for small_cnn and "imagenet" for Keras Applications;
+    Validation fills unset fields with the chosen backbone's defaults. Weights
+    are "pretrained" for small_cnn and "imagenet" for Keras Applications. The
     image_size is 32 for small_cnn, the ImageNet size for Keras Applications
     and the model's own input size for a saved model. Paths are resolved
     against the current folder.

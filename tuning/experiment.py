@@ -56,7 +56,7 @@ class ExperimentError(RuntimeError):
 
 @dataclass(frozen=True)
 class PreparedData:
-    """What the driver keeps of the feature-preparation task: shapes, statistics and cache facts.
+    """Summary of the feature-preparation task that the driver keeps: shapes, statistics and cache facts.
 
     The embeddings themselves stay in the object store (see prepare_data).
     """
@@ -110,7 +110,7 @@ def prepare_data(config: ExperimentConfig) -> tuple[PreparedData, EmbeddingData]
 
     A cache miss extracts the embeddings batch by batch straight into the
     cache's memory-mapped files (models.features.extract_embeddings). The
-    returned EmbeddingData holds those memory maps, so returning it from a Ray
+    returned EmbeddingData contains those memory maps, so returning it from a Ray
     task copies the pages into the object store without another copy in
     memory. Runs wherever it is called; `run_experiment` calls it as a Ray task.
 
@@ -294,7 +294,8 @@ def _prepare_on_cluster(config: ExperimentConfig) -> tuple[PreparedData, ray.Obj
             weights file that does not fit the network).
     """
     # Ask for a GPU only when the cluster has one, so CPU-only clusters can schedule the task.
-    # Ray ends a GPU task's worker process afterwards, which frees TensorFlow's GPU memory.
+    # Ray (2.60) sets max_calls=1 for GPU tasks, so the worker exits afterwards and
+    # TensorFlow's GPU memory is free for the trials.
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1, num_returns=2)(prepare_data)
     if gpus == 0:

@@ -37,6 +37,13 @@ def _network(name: str, image_size: int, seed: int) -> keras.Model:
     )
 
 
+def _network_at_size(network: keras.Model, image_size: int) -> keras.Model:
+    """The same network and weights, rebuilt for another input size."""
+    resized = _network("MobileNetV3Small", image_size, seed=0)
+    resized.set_weights(network.get_weights())
+    return resized
+
+
 @pytest.mark.parametrize("name", list(APPLICATIONS))
 def test_registry_backbone_embeds_at_minimum_size(name: str, target: Dataset) -> None:
     spec = APPLICATIONS[name]
@@ -87,7 +94,7 @@ def test_random_weights_follow_seed() -> None:
 
 
 @pytest.mark.parametrize("file_name", ["saved.weights.h5", "keras2_notop.h5"])
-def test_weights_loaded_from_local_file(file_name: str, tmp_path: Path, target: Dataset) -> None:
+def test_weights_loaded_from_local_file(file_name: str, tmp_path: Path) -> None:
     network = _network("MobileNetV3Small", 32, seed=7)
     path = tmp_path / file_name
     if file_name.endswith(".weights.h5"):
@@ -108,15 +115,8 @@ def test_weights_loaded_from_local_file(file_name: str, tmp_path: Path, target: 
 
     # The backbone runs the file's network on preprocess_input(255 * image).
     images = np.random.default_rng(2).uniform(0.0, 1.0, size=(2, 40, 40, 3)).astype(np.float32)
-    expected = network_at_size(network, 40)(keras.applications.mobilenet_v3.preprocess_input(images * 255.0), training=False)
+    expected = _network_at_size(network, 40)(keras.applications.mobilenet_v3.preprocess_input(images * 255.0), training=False)
     np.testing.assert_allclose(np.asarray(backbone.cnn(images, training=False)), np.asarray(expected), rtol=1e-4, atol=1e-4)
-
-
-def network_at_size(network: keras.Model, image_size: int) -> keras.Model:
-    """The same network and weights, rebuilt for another input size."""
-    resized = _network("MobileNetV3Small", image_size, seed=0)
-    resized.set_weights(network.get_weights())
-    return resized
 
 
 def test_weights_file_of_other_network_rejected(tmp_path: Path) -> None:
