@@ -103,11 +103,11 @@ def main() -> None:
 
     arrays = {name: read_idx(arguments.data / file_name) for name, file_name in FILES.items()}
     limit = arguments.limit
-    # float32 images, as the project's dataset loaders return them.
+    # uint8 images as stored in the IDX files; extraction converts one batch at a time to float32.
     dataset = Dataset(
-        x_train=arrays["x_train"][:limit].astype(np.float32),
+        x_train=np.ascontiguousarray(arrays["x_train"][:limit]),
         y_train=arrays["y_train"][:limit].astype(np.int64),
-        x_val=arrays["x_test"][:limit].astype(np.float32),
+        x_val=np.ascontiguousarray(arrays["x_test"][:limit]),
         y_val=arrays["y_test"][:limit].astype(np.int64),
         class_names=CLASS_NAMES,
         value_range=(0.0, 255.0),
