@@ -1,4 +1,4 @@
-"""Experiments on real Ray with a saved-model backbone and with a weights file that does not fit."""
+"""`frozen-tune run` with a saved-model backbone, a weights file that does not fit, and an unknown layer."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import yaml
 from keras import layers
 
-from tuning.config import ConfigError, parse_experiment
+from tuning.config import parse_experiment
 
 SEARCH = {
     "num_trials": 2, "max_concurrent": 2, "initial_points": 2, "seed": 0,
@@ -58,20 +58,28 @@ def experiment(name: str, backbone: dict, folder: Path) -> dict:
     }
 
 
-def test_saved_model_backbone_stays_frozen(ray_local, team_model: Path, tmp_path: Path) -> None:
-    from tuning.experiment import prepare_data, run_experiment
+def run_command(data: dict, folder: Path) -> subprocess.CompletedProcess:
+    """Run `frozen-tune run` in a fresh process, so its Ray instance and objects end with it."""
+    path = folder / f"{data['name']}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return subprocess.run(
+        [sys.executable, "-m", "tuning", "run", str(path)],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+    )
 
-    config = parse_experiment(experiment("team", {"path": str(team_model)}, tmp_path))
-    outcome = run_experiment(config)
-    exported = keras.models.load_model(outcome.run_dir / "best_model.keras")
+
+def test_saved_model_backbone_stays_frozen(team_model: Path, tmp_path: Path) -> None:
+    from tuning.experiment import prepare_data
+
+    data = experiment("team", {"path": str(team_model)}, tmp_path)
+    completed = run_command(data, tmp_path)
+    exported = keras.models.load_model(tmp_path / "runs" / "team" / "best_model.keras")
     original = keras.models.load_model(team_model, compile=False)
     cut = exported.get_layer("feature_extractor").get_layer("saved_model_backbone").get_layer("team_cut")
 
-    assert outcome.num_trials == 2
-    assert outcome.num_failed == 0
-    assert outcome.data.embedding_size == 16
-    assert outcome.data.embedding_cache_hit is False
-    assert "cut at layer 'gap'" in outcome.data.backbone_description
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "cut at layer 'gap' (16 features) at 16x16 pixels" in completed.stderr
+    assert "embeddings computed, cache entry" in completed.stderr
     # Every variable of the cut model, BatchNormalization statistics included,
     # is the saved model's own after the trials and the export.
     for name in ("conv", "bn"):
@@ -79,10 +87,11 @@ def test_saved_model_backbone_stays_frozen(ray_local, team_model: Path, tmp_path
             np.testing.assert_array_equal(after, before, err_msg=name)
     assert len(cut.get_layer("bn").get_weights()) == 4
 
-    summary, embeddings = prepare_data(config)
+    summary, embeddings = prepare_data(parse_experiment(data))
     entry = Path(summary.embedding_cache_path)
 
     assert summary.embedding_cache_hit is True
+    assert summary.embedding_size == 16
     assert sorted(path.name for path in entry.iterdir()) == ["manifest.json", "train.npy", "val.npy"]
     assert summary.embedding_cache_bytes == sum(path.stat().st_size for path in entry.iterdir())
     assert isinstance(embeddings.train.base, np.memmap)
@@ -90,34 +99,25 @@ def test_saved_model_backbone_stays_frozen(ray_local, team_model: Path, tmp_path
     np.testing.assert_allclose(summary.mean, np.asarray(embeddings.train).mean(axis=0), rtol=1e-4, atol=1e-6)
 
 
-def test_mismatched_weights_file_is_config_error(ray_local, tmp_path: Path) -> None:
-    from tuning.experiment import run_experiment
-
+def test_mismatched_weights_file_exits_with_2(tmp_path: Path) -> None:
     weights = tmp_path / "small.weights.h5"
     keras.applications.MobileNetV3Small(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg").save_weights(weights)
-    config = parse_experiment(experiment("mismatch", {"name": "MobileNetV3Large", "weights": str(weights), "image_size": 32}, tmp_path))
+    data = experiment("mismatch", {"name": "MobileNetV3Large", "weights": str(weights), "image_size": 32}, tmp_path)
 
-    with pytest.raises(ConfigError) as raised:
-        run_experiment(config)
+    completed = run_command(data, tmp_path)
 
-    assert str(raised.value).startswith(f"backbone: Weights file '{weights}' does not fit MobileNetV3Large")
+    assert completed.returncode == 2, completed.stderr[-3000:]
+    assert f"error: backbone: Weights file '{weights}' does not fit MobileNetV3Large" in completed.stderr
     assert not (tmp_path / "runs" / "mismatch").exists()
 
 
-def test_cli_rejects_unknown_layer_before_ray(team_model: Path, tmp_path: Path) -> None:
-    path = tmp_path / "bad.yaml"
-    data = experiment("bad", {"path": str(team_model), "layer": "gapp"}, tmp_path)
-    data["backbone"]["weights"] = "imagenet"
-    path.write_text(yaml.safe_dump(data))
+def test_unknown_layer_rejected_before_ray(team_model: Path, tmp_path: Path) -> None:
+    data = experiment("bad", {"path": str(team_model), "layer": "gapp", "weights": "imagenet"}, tmp_path)
 
-    completed = subprocess.run(
-        [sys.executable, "-m", "tuning", "run", str(path)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
-    )
+    completed = run_command(data, tmp_path)
 
     assert completed.returncode == 2
     assert "backbone.weights: weights 'imagenet' does not apply to a saved model backbone" in completed.stderr
     assert "backbone.layer: layer 'gapp' not found in" in completed.stderr
     assert "(did you mean 'gap'?)" in completed.stderr
     assert not (tmp_path / "runs" / "bad").exists()
-    assert "Started a local Ray instance" not in completed.stderr
