@@ -2,8 +2,12 @@
 
 A backbone maps a preprocessed image to an embedding vector. Its weights stay
 frozen while heads are tuned, so the embeddings can be computed once and cached
-(see models.features). The preprocessing and the small CNN live in
-models.preprocessing and models.small_cnn and are re-exported here.
+(see models.features). Three kinds exist:
+
+- small_cnn: a small CNN the project pretrains on a source dataset (models.small_cnn);
+- Keras Applications from the registry (models.applications), with ImageNet,
+  random or file weights;
+- any saved Keras model, cut at a layer (models.saved_models).
 
 Example:
     >>> from pathlib import Path
@@ -16,18 +20,23 @@ Example:
     >>> extractor = build_feature_extractor(source.raw_shape, source.value_range, 32, backbone.cnn)
     >>> extractor.output_shape
     (None, 128)
+    >>> load_backbone("MobileNetV2", weights="none", image_size=32, seed=0).cnn.output_shape
+    (None, 1280)
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 
+from models.applications import build_application_backbone
+from models.backbone_common import Backbone
+from models.backbone_specs import APPLICATIONS, BACKBONE_NAMES, SMALL_CNN_WEIGHTS, BackboneError, closest_name
 from models.datasets import Dataset
 from models.preprocessing import PREPROCESSING_VERSION, build_preprocessing
+from models.saved_models import load_saved_model_backbone
 from models.small_cnn import (
     MIN_IMAGE_SIZE,
     build_random_small_cnn,
@@ -40,46 +49,29 @@ from models.small_cnn import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "APPLICATIONS",
     "BACKBONES",
     "BACKBONE_WEIGHTS",
     "MIN_IMAGE_SIZE",
     "PREPROCESSING_VERSION",
     "Backbone",
+    "BackboneError",
     "build_feature_extractor",
     "build_preprocessing",
     "build_random_small_cnn",
     "build_small_cnn",
     "load_backbone",
+    "load_saved_model_backbone",
     "pretrain_small_cnn",
     "random_small_cnn_cache_key",
     "small_cnn_cache_key",
 ]
 
-BACKBONES = ("small_cnn",)
+BACKBONES = BACKBONE_NAMES
 
-# "pretrained": trained on a source dataset and cached; "none": seeded random init.
-BACKBONE_WEIGHTS = ("pretrained", "none")
-
-
-@dataclass(frozen=True)
-class Backbone:
-    """A backbone CNN with the key that identifies its weights.
-
-    Attributes:
-        cnn: Model from (batch, image_size, image_size, 3) to embeddings.
-        weights_key: Hex digest that changes whenever the weights would differ;
-            pass it to models.features.embedding_cache_key.
-        cache_hit: True when the weights were loaded from the cache.
-
-    Example:
-        >>> backbone = load_backbone("small_cnn", weights="none", image_size=32, seed=0)
-        >>> backbone.cache_hit
-        False
-    """
-
-    cnn: keras.Model
-    weights_key: str
-    cache_hit: bool
+# small_cnn weights. "pretrained": trained on a source dataset and cached;
+# "none": seeded random init. Keras Applications take "imagenet", "none" or a file.
+BACKBONE_WEIGHTS = SMALL_CNN_WEIGHTS
 
 
 def load_backbone(
@@ -92,16 +84,20 @@ def load_backbone(
     epochs: int | None = None,
     cache_dir: Path | None = None,
 ) -> Backbone:
-    """Build a backbone by name, pretrained (cached) or with random weights.
+    """Build a backbone by name: small_cnn or a Keras Application from the registry.
 
     Args:
         name: One of BACKBONES.
-        weights: "pretrained" runs pretrain_small_cnn and needs source, epochs
-            and cache_dir. "none" sets Keras' global seed and builds random
-            weights, and source, epochs and cache_dir are ignored with a log line.
-        image_size: Input side length in pixels, at least MIN_IMAGE_SIZE.
+        weights: For small_cnn, "pretrained" runs pretrain_small_cnn and needs
+            source, epochs and cache_dir, and "none" sets Keras' global seed and
+            builds random weights. For a Keras Application, "imagenet", "none"
+            or the path of a .h5 or .weights.h5 file (see
+            models.applications.build_application_backbone). Arguments a choice
+            does not use (source, epochs, cache_dir) are ignored with a log line.
+        image_size: Input side length in pixels, at least the backbone's minimum
+            (MIN_IMAGE_SIZE for small_cnn, APPLICATIONS[name].min_image_size otherwise).
         seed: Keras global seed for pretraining or for the random init.
-        source: Dataset to pretrain on.
+        source: Dataset to pretrain small_cnn on.
         epochs: Pretraining epochs.
         cache_dir: Root of the weights cache.
 
@@ -109,25 +105,40 @@ def load_backbone(
         The Backbone.
 
     Raises:
-        ValueError: If name or weights is unknown, or pretraining arguments are missing.
+        BackboneError: A ValueError, if name or weights is unknown, the image
+            size is too small, a weights file is missing or does not fit, or
+            pretraining arguments are missing.
     """
     if name not in BACKBONES:
-        raise ValueError(f"Unknown backbone {name!r}; use one of {', '.join(BACKBONES)}.")
+        suggestion = closest_name(name, BACKBONES)
+        hint = f" (did you mean {suggestion!r}?)" if suggestion else ""
+        raise BackboneError(f"Unknown backbone {name!r}{hint}; use one of {', '.join(BACKBONES)}.")
+
+    unused = (("source", source), ("epochs", epochs), ("cache_dir", cache_dir))
+    if name in APPLICATIONS:
+        ignored = [argument for argument, value in unused if value is not None]
+        if ignored:
+            logger.info("Ignoring %s because %s is not pretrained by this project.", ", ".join(ignored), name)
+        return build_application_backbone(name, weights=weights, image_size=image_size, seed=seed)
+
     if weights not in BACKBONE_WEIGHTS:
-        raise ValueError(f"Unknown backbone weights {weights!r}; use one of {', '.join(BACKBONE_WEIGHTS)}.")
+        raise BackboneError(
+            f"Unknown backbone weights {weights!r} for small_cnn; use one of {', '.join(BACKBONE_WEIGHTS)}."
+        )
 
     if weights == "none":
-        ignored = [
-            argument
-            for argument, value in (("source", source), ("epochs", epochs), ("cache_dir", cache_dir))
-            if value is not None
-        ]
+        ignored = [argument for argument, value in unused if value is not None]
         if ignored:
             logger.info("Ignoring %s because backbone weights are 'none' (random init).", ", ".join(ignored))
 
         cnn = build_random_small_cnn(image_size, seed)
         logger.info("Built small_cnn with random weights (image size %d, seed %d).", image_size, seed)
-        return Backbone(cnn=cnn, weights_key=random_small_cnn_cache_key(image_size, seed), cache_hit=False)
+        return Backbone(
+            cnn=cnn,
+            weights_key=random_small_cnn_cache_key(image_size, seed),
+            cache_hit=False,
+            description=f"small_cnn with random weights (seed {seed})",
+        )
 
     missing = [
         argument
@@ -135,11 +146,13 @@ def load_backbone(
         if value is None
     ]
     if missing:
-        raise ValueError(f"Backbone weights 'pretrained' need {', '.join(missing)}; pass them or use weights='none'.")
+        raise BackboneError(f"Backbone weights 'pretrained' need {', '.join(missing)}; pass them or use weights='none'.")
 
     cnn, cache_hit = pretrain_small_cnn(image_size, source, epochs=epochs, seed=seed, cache_dir=cache_dir)
     weights_key = small_cnn_cache_key(image_size, source, epochs, seed)
-    return Backbone(cnn=cnn, weights_key=weights_key, cache_hit=cache_hit)
+    origin = "loaded from the cache" if cache_hit else "pretrained in this run"
+    description = f"small_cnn pretrained for {epochs} epochs on {source.num_classes} source classes ({origin})"
+    return Backbone(cnn=cnn, weights_key=weights_key, cache_hit=cache_hit, description=description)
 
 
 def build_feature_extractor(
@@ -184,3 +197,4 @@ def build_feature_extractor(
     extractor = keras.Model(inputs, embeddings, name="feature_extractor")
     extractor.trainable = False
     return extractor
+

@@ -16,12 +16,32 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from models.backbone_specs import (
+    APPLICATION_WEIGHTS,
+    APPLICATIONS,
+    BACKBONE_NAMES,
+    DEFAULT_SAVED_MODEL_INPUT_RANGE,
+    IMAGENET,
+    NO_WEIGHTS,
+    PRETRAINED,
+    SAVED_MODEL_SUFFIXES,
+    SMALL_CNN,
+    SMALL_CNN_DEFAULT_IMAGE_SIZE,
+    SMALL_CNN_MIN_IMAGE_SIZE,
+    SMALL_CNN_WEIGHTS,
+    WEIGHTS_FILE_SUFFIXES,
+    BackboneError,
+    closest_name,
+    inspect_saved_model,
+    unknown_layer_message,
+)
 from models.hyperparameters import ACTIVATIONS, HEAD_DEFAULTS, HEAD_HYPERPARAMETERS, OPTIMIZERS
 
 DATASET_NAMES: tuple[str, ...] = ("digits",)
-BACKBONE_NAMES: tuple[str, ...] = ("small_cnn",)
+# Largest image side a backbone may resize to, in pixels.
+MAX_IMAGE_SIZE = 1024
 # Metrics every trial reports each epoch, in the column order of results.csv.
 REPORTED_METRICS: tuple[str, ...] = ("val_loss", "val_accuracy", "loss", "accuracy")
 DEFAULT_CACHE_DIR = Path("~/.cache/frozen-tune")
@@ -77,17 +97,228 @@ class PretrainConfig(_Strict):
 
 
 class BackboneConfig(_Strict):
-    name: str = "small_cnn"
-    image_size: int = Field(32, ge=8, le=1024)
-    weights: Literal["pretrained", "none"] = "pretrained"
+    """The frozen backbone: small_cnn, a Keras Application by name, or a saved model by path.
+
+    Validation fills unset fields with the chosen backbone's defaults. Weights
+    are "pretrained" for small_cnn and "imagenet" for Keras Applications. The
+    image_size is 32 for small_cnn, the ImageNet size for Keras Applications
+    and the model's own input size for a saved model. Paths are resolved
+    against the current folder.
+    """
+
+    name: str | None = Field(None, validate_default=True)
+    path: str | None = None
+    layer: str | None = None
+    weights: str | None = Field(None, validate_default=True)
+    input_range: list[float] | None = Field(None, validate_default=True)
+    image_size: int | None = Field(None, validate_default=True)
     pretrain: PretrainConfig = PretrainConfig()
 
     @field_validator("name")
     @classmethod
-    def _known_backbone(cls, name: str) -> str:
-        if name not in BACKBONE_NAMES:
-            raise ValueError(f"unknown backbone {name!r}; accepted: {', '.join(BACKBONE_NAMES)}")
+    def _known_backbone(cls, name: str | None) -> str | None:
+        if name is not None and name not in BACKBONE_NAMES:
+            suggestion = closest_name(name, BACKBONE_NAMES)
+            hint = f" (did you mean {suggestion!r}?)" if suggestion else ""
+            raise ValueError(f"unknown backbone {name!r}{hint}; accepted: {', '.join(BACKBONE_NAMES)}")
         return name
+
+    @field_validator("path")
+    @classmethod
+    def _saved_model_file(cls, path: str | None, info: ValidationInfo) -> str | None:
+        if path is None:
+            return None
+        if info.data.get("name") is not None:
+            raise ValueError(
+                f"set either name (a backbone from the registry) or path (a saved model), not both; "
+                f"got name {info.data['name']!r} and path {path!r}"
+            )
+        if not path.endswith(SAVED_MODEL_SUFFIXES):
+            raise ValueError(f"path {path!r} must be a saved Keras model ending in .keras or .h5")
+        resolved = Path(path).expanduser().resolve()
+        try:
+            inspect_saved_model(resolved)
+        except BackboneError as error:
+            raise ValueError(_lower_first(str(error)).rstrip(".")) from None
+        return str(resolved)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_for_backbone(cls, weights: str | None, info: ValidationInfo) -> str | None:
+        kind = _backbone_kind(info.data)
+        if kind == "saved_model":
+            if weights is not None:
+                raise ValueError(
+                    f"weights {weights!r} does not apply to a saved model backbone, whose weights come from its "
+                    f"file; remove weights"
+                )
+            return None
+
+        if kind == "small_cnn":
+            if weights is None:
+                return PRETRAINED
+            if weights not in SMALL_CNN_WEIGHTS:
+                note = "; imagenet and weights files apply to Keras Applications such as MobileNetV2"
+                raise ValueError(f"small_cnn takes weights {' or '.join(SMALL_CNN_WEIGHTS)}, got {weights!r}{note}")
+            return weights
+
+        if kind == "application":
+            return _application_weights(info.data["name"], weights)
+        return weights
+
+    @field_validator("layer")
+    @classmethod
+    def _layer_in_saved_model(cls, layer: str | None, info: ValidationInfo) -> str | None:
+        if layer is None:
+            return None
+        kind = _backbone_kind(info.data)
+        if kind in ("small_cnn", "application"):
+            raise ValueError(f"layer {layer!r} applies only to a saved model backbone (backbone.path); remove it")
+        if kind == "saved_model":
+            path = Path(info.data["path"])
+            saved = inspect_saved_model(path)
+            if layer not in saved.layer_names:
+                raise ValueError(unknown_layer_message(path, layer, saved))
+        return layer
+
+    @field_validator("input_range")
+    @classmethod
+    def _input_range_of_saved_model(cls, input_range: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        kind = _backbone_kind(info.data)
+        if input_range is None:
+            return list(DEFAULT_SAVED_MODEL_INPUT_RANGE) if kind == "saved_model" else None
+        if kind in ("small_cnn", "application"):
+            raise ValueError(
+                "input_range applies only to a saved model backbone (backbone.path); registry backbones "
+                "convert images with their own preprocessing; remove it"
+            )
+        if len(input_range) != 2:
+            raise ValueError(f"input_range must be [low, high], got {input_range}")
+        low, high = input_range
+        if not low < high:
+            raise ValueError(f"input_range must be [low, high] with low < high, got {list(input_range)}")
+        return input_range
+
+    @field_validator("image_size")
+    @classmethod
+    def _image_size_for_backbone(cls, image_size: int | None, info: ValidationInfo) -> int | None:
+        if image_size is not None and not 1 <= image_size <= MAX_IMAGE_SIZE:
+            raise ValueError(f"image_size must be between 1 and {MAX_IMAGE_SIZE} pixels, got {image_size}")
+
+        kind = _backbone_kind(info.data)
+        if kind == "small_cnn":
+            return _sized(image_size, SMALL_CNN, SMALL_CNN_DEFAULT_IMAGE_SIZE, SMALL_CNN_MIN_IMAGE_SIZE)
+        if kind == "application":
+            spec = APPLICATIONS[info.data["name"]]
+            return _sized(image_size, spec.name, spec.default_image_size, spec.min_image_size)
+        if kind == "saved_model":
+            return _saved_model_image_size(Path(info.data["path"]), image_size)
+        return image_size
+
+    @field_validator("pretrain")
+    @classmethod
+    def _pretrain_for_small_cnn(cls, pretrain: PretrainConfig, info: ValidationInfo) -> PretrainConfig:
+        # Runs only when the file sets pretrain, because the default is not validated.
+        kind = _backbone_kind(info.data)
+        if kind in ("application", "saved_model"):
+            raise ValueError(
+                "pretrain applies only to small_cnn, which the project pretrains itself; "
+                "remove it or use name: small_cnn"
+            )
+        return pretrain
+
+    @model_validator(mode="after")
+    def _default_name(self) -> BackboneConfig:
+        if self.name is None and self.path is None:
+            object.__setattr__(self, "name", SMALL_CNN)
+        return self
+
+    @property
+    def label(self) -> str:
+        """The backbone in one phrase for logs and reports: its name, or the saved model's file and layer."""
+        if self.path is None:
+            return str(self.name)
+        layer = f"layer {self.layer}" if self.layer else "the layer before its classifier"
+        return f"{Path(self.path).name} cut at {layer}"
+
+
+def _backbone_kind(data: dict[str, Any]) -> str | None:
+    """Classify the backbone from the fields validated so far; None when name or path is invalid."""
+    if "name" not in data or "path" not in data:
+        return None
+    if data["path"] is not None:
+        return "saved_model"
+    if data["name"] in (None, SMALL_CNN):
+        return "small_cnn"
+    return "application"
+
+
+def _application_weights(name: str, weights: str | None) -> str:
+    if weights is None:
+        return IMAGENET
+    if weights in APPLICATION_WEIGHTS:
+        return weights
+    if weights == PRETRAINED:
+        raise ValueError(
+            f"weights 'pretrained' applies only to small_cnn; {name} takes {IMAGENET}, {NO_WEIGHTS} "
+            f"or the path of a .h5 or .weights.h5 file"
+        )
+    if weights.endswith(SAVED_MODEL_SUFFIXES) and not weights.endswith(WEIGHTS_FILE_SUFFIXES):
+        raise ValueError(
+            f"weights {weights!r} is a whole saved model; give it as backbone.path instead of name and weights"
+        )
+    if not weights.endswith(WEIGHTS_FILE_SUFFIXES):
+        suggestion = closest_name(weights, APPLICATION_WEIGHTS)
+        hint = f" (did you mean {suggestion!r}?)" if suggestion else ""
+        raise ValueError(
+            f"unknown weights {weights!r}{hint}; {name} takes {IMAGENET}, {NO_WEIGHTS} "
+            f"or the path of a .h5 or .weights.h5 file"
+        )
+
+    resolved = Path(weights).expanduser().resolve()
+    if not resolved.is_file():
+        raise ValueError(
+            f"weights file {weights!r} not found (looked at {resolved}); give the path of a {name} weights file, "
+            f"or use {IMAGENET} on a machine with internet access"
+        )
+    return str(resolved)
+
+
+def _sized(image_size: int | None, name: str, default: int, minimum: int) -> int:
+    if image_size is None:
+        return default
+    if image_size < minimum:
+        raise ValueError(f"{name} needs an image_size of at least {minimum} pixels, got {image_size}")
+    return image_size
+
+
+def _saved_model_image_size(path: Path, image_size: int | None) -> int:
+    shape = inspect_saved_model(path).input_shape
+    if shape is None or len(shape) != 3 or shape[2] not in (1, 3):
+        raise ValueError(
+            f"the saved model at {str(path)!r} takes inputs of shape {shape}; a backbone takes images of shape "
+            f"(height, width, 1) or (height, width, 3)"
+        )
+
+    height, width, _ = shape
+    if height is None and width is None:
+        if image_size is None:
+            raise ValueError(f"the saved model at {str(path)!r} accepts images of any size; set image_size")
+        return image_size
+    if height != width:
+        raise ValueError(
+            f"the saved model at {str(path)!r} takes {height}x{width} images, but images are resized to a square; "
+            f"save it with a square or variable input size"
+        )
+    if image_size is not None and image_size != height:
+        raise ValueError(
+            f"the saved model at {str(path)!r} takes {height}x{width} images; set image_size to {height} or remove it"
+        )
+    return int(height)
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:] if text else text
 
 
 class _Bounded(_Strict):

@@ -21,7 +21,8 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from tuning import report
-from tuning.config import ExperimentConfig, check_storage_writable, load_warm_start
+from models.backbone_specs import SMALL_CNN, BackboneError
+from tuning.config import ConfigError, ExperimentConfig, check_storage_writable, load_warm_start
 from tuning.run_folder import check_run_folder, hold_run_folder, write_snapshot
 from tuning.searcher import GaussianProcessSearcher
 from tuning.space import Parameter, SearchSpace
@@ -55,15 +56,25 @@ class ExperimentError(RuntimeError):
 
 @dataclass(frozen=True)
 class PreparedData:
-    """Result of the feature-preparation task."""
+    """Summary of the feature-preparation task that the driver keeps: shapes, statistics and cache facts.
 
-    embeddings: EmbeddingData
+    The embeddings themselves stay in the object store (see prepare_data).
+    """
+
     class_names: list[str]
     raw_shape: tuple[int, ...]
     value_range: tuple[float, float]
+    train_size: int
+    validation_size: int
+    embedding_size: int
+    num_classes: int
+    mean: np.ndarray
+    variance: np.ndarray
+    backbone_description: str
     backbone_cache_hit: bool
     embedding_cache_hit: bool
     embedding_cache_path: str
+    embedding_cache_bytes: int
 
 
 @dataclass(frozen=True)
@@ -94,14 +105,22 @@ def search_space(config: ExperimentConfig) -> SearchSpace:
     return SearchSpace(tuple(parameters))
 
 
-def prepare_data(config: ExperimentConfig) -> PreparedData:
+def prepare_data(config: ExperimentConfig) -> tuple[PreparedData, EmbeddingData]:
     """Load the dataset and backbone and return the embeddings, from the cache when possible.
 
-    Runs wherever it is called; `run_experiment` calls it as a Ray task.
+    A cache miss extracts the embeddings batch by batch straight into the
+    cache's memory-mapped files (models.features.extract_embeddings). The
+    returned EmbeddingData contains those memory maps, so returning it from a Ray
+    task copies the pages into the object store without another copy in
+    memory. Runs wherever it is called; `run_experiment` calls it as a Ray task.
+
+    Raises:
+        BackboneError: If the backbone cannot be built from the experiment's
+            backbone section, for example a weights file that does not fit.
     """
     from models.backbones import PREPROCESSING_VERSION, build_feature_extractor
     from models.datasets import load_dataset
-    from models.features import Embeddings, compute_embeddings, embedding_cache_key, load_cached_embeddings, save_embeddings
+    from models.features import cache_entry_size, embedding_cache_key, embeddings_path, extract_embeddings, load_cached_embeddings
 
     cache_dir = config.cache_path()
     dataset = load_dataset(
@@ -115,30 +134,55 @@ def prepare_data(config: ExperimentConfig) -> PreparedData:
     cache_hit = embeddings is not None
     if embeddings is None:
         started = time.monotonic()
-        extractor = build_feature_extractor(dataset.x_train.shape[1:], dataset.value_range, config.backbone.image_size, backbone.cnn)
-        embeddings = Embeddings(train=compute_embeddings(extractor, dataset.x_train), val=compute_embeddings(extractor, dataset.x_val))
-        save_embeddings(cache_dir, key, embeddings)
+        extractor = build_feature_extractor(dataset.raw_shape, dataset.value_range, config.backbone.image_size, backbone.cnn)
+        embeddings = extract_embeddings(
+            extractor, dataset, cache_dir, key,
+            description={"backbone": backbone.description, "dataset": config.dataset.name, "image_size": config.backbone.image_size},
+        )
         logger.info("computed embeddings for %d images in %.1f s", len(dataset.x_train) + len(dataset.x_val), time.monotonic() - started)
-    else:
-        logger.info("reused cached embeddings %s", key)
 
-    return PreparedData(
-        embeddings=EmbeddingData.from_arrays(embeddings.train, dataset.y_train, embeddings.val, dataset.y_val, len(dataset.class_names)),
+    data = EmbeddingData.from_arrays(embeddings.train, dataset.y_train, embeddings.val, dataset.y_val, len(dataset.class_names))
+    entry = embeddings_path(cache_dir, key)
+    prepared = PreparedData(
         class_names=list(dataset.class_names),
-        raw_shape=tuple(dataset.x_train.shape[1:]),
+        raw_shape=tuple(dataset.raw_shape),
         value_range=tuple(dataset.value_range),
+        train_size=len(data.train),
+        validation_size=len(data.val),
+        embedding_size=int(data.train.shape[1]),
+        num_classes=data.num_classes,
+        mean=data.mean,
+        variance=data.variance,
+        backbone_description=backbone.description,
         backbone_cache_hit=backbone.cache_hit,
         embedding_cache_hit=cache_hit,
-        embedding_cache_path=str(cache_dir / "embeddings" / f"{key}.npz"),
+        embedding_cache_path=str(entry),
+        embedding_cache_bytes=cache_entry_size(entry),
     )
+    return prepared, data
+
+
+# Seed of the random weights of a Keras Application with weights: none. The
+# experiment file has no seed for it because such weights serve only to test plumbing.
+APPLICATION_RANDOM_SEED = 0
 
 
 def _load_backbone(config: ExperimentConfig) -> Any:
-    """Build the experiment's backbone, pretraining it on the source task or loading it from the cache."""
-    from models.backbones import load_backbone
+    """Build the experiment's backbone: a saved model, a Keras Application, or small_cnn pretrained on the source task."""
+    from models.backbones import load_backbone, load_saved_model_backbone
     from models.datasets import load_dataset
 
     backbone_config = config.backbone
+    if backbone_config.path is not None:
+        return load_saved_model_backbone(
+            Path(backbone_config.path), layer=backbone_config.layer, image_size=backbone_config.image_size,
+            input_range=tuple(backbone_config.input_range),
+        )
+    if backbone_config.name != SMALL_CNN:
+        return load_backbone(
+            backbone_config.name, weights=backbone_config.weights, image_size=backbone_config.image_size,
+            seed=APPLICATION_RANDOM_SEED,
+        )
     if backbone_config.weights == "none":
         return load_backbone(backbone_config.name, weights="none", image_size=backbone_config.image_size, seed=backbone_config.pretrain.seed)
     pretrain = backbone_config.pretrain
@@ -220,37 +264,57 @@ def run_experiment(config: ExperimentConfig, *, address: str | None = None, dash
     try:
         if address is not None:
             check_storage_shared(config)
-        logger.info("experiment %s: preparing embeddings (backbone %s, dataset %s)", config.name, config.backbone.name, config.dataset.name)
-        data = _prepare_on_cluster(config)
+        logger.info("experiment %s: preparing embeddings (backbone %s, dataset %s)", config.name, config.backbone.label, config.dataset.name)
+        data, embeddings = _prepare_on_cluster(config)
         logger.info(
-            "embeddings: %d train and %d validation vectors of %d floats; backbone %s, embeddings %s",
-            len(data.embeddings.train), len(data.embeddings.val), data.embeddings.train.shape[1],
-            "reused from cache" if data.backbone_cache_hit else "trained", "reused from cache" if data.embedding_cache_hit else "computed",
+            "embeddings: %d train and %d validation vectors of %d floats from %s; embeddings %s, cache entry %s (%.1f MB)",
+            data.train_size, data.validation_size, data.embedding_size, data.backbone_description,
+            "reused from cache" if data.embedding_cache_hit else "computed", data.embedding_cache_path,
+            data.embedding_cache_bytes / 1e6,
         )
         with hold_run_folder(config):
             if not resume:
                 write_snapshot(config)
-            results = _run_tuner(config, data, resume=resume)
+            results = _run_tuner(config, embeddings, resume=resume)
             return _write_outputs(config, data, results, time.monotonic() - started)
     finally:
         if started_ray:
             ray.shutdown()
 
 
-def _prepare_on_cluster(config: ExperimentConfig) -> PreparedData:
+def _prepare_on_cluster(config: ExperimentConfig) -> tuple[PreparedData, ray.ObjectRef]:
+    """Run prepare_data as a Ray task; return its summary and a reference to the embeddings.
+
+    The embeddings come back as a separate return value that the driver never
+    fetches: Tune's with_parameters keeps an ObjectRef as it is, so the trials
+    read the one copy in the object store.
+
+    Raises:
+        ConfigError: If the backbone section cannot be built (for example a
+            weights file that does not fit the network).
+    """
     # Ask for a GPU only when the cluster has one, so CPU-only clusters can schedule the task.
+    # Ray (2.60) sets max_calls=1 for GPU tasks, so the worker exits afterwards and
+    # TensorFlow's GPU memory is free for the trials.
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(prepare_data)
+    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1, num_returns=2)(prepare_data)
     if gpus == 0:
         # Prefer the driver's node: the export at the end loads the backbone from this node's
         # cache, so it finds the weights the embeddings came from.
         # NOTE: a GPU task may run on another node; then the export pretrains the backbone
         # again unless cache_dir is on storage every node can reach.
         task = task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True))
-    return ray.get(task.remote(config))
+    summary_ref, embeddings_ref = task.remote(config)
+    try:
+        summary = ray.get(summary_ref)
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, BackboneError):
+            raise ConfigError(f"backbone: {error.cause}") from None
+        raise
+    return summary, embeddings_ref
 
 
-def _run_tuner(config: ExperimentConfig, data: PreparedData, *, resume: bool) -> tune.ResultGrid:
+def _run_tuner(config: ExperimentConfig, embeddings: Any, *, resume: bool) -> tune.ResultGrid:
     space = search_space(config)
     search = config.search
     # Save the experiment state (trials and searcher) at every step of Ray Tune's loop instead
@@ -262,7 +326,7 @@ def _run_tuner(config: ExperimentConfig, data: PreparedData, *, resume: bool) ->
         gpus_per_trial=config.resources.gpus_per_trial, seed=search.seed or 0,
     )
     trainable = tune.with_resources(
-        tune.with_parameters(train_head, data=data.embeddings, settings=settings),
+        tune.with_parameters(train_head, data=embeddings, settings=settings),
         {"cpu": config.resources.cpus_per_trial, "gpu": config.resources.gpus_per_trial},
     )
     if config.scheduler.name == "asha":
@@ -452,16 +516,16 @@ def _export_best_model(config: ExperimentConfig, data: PreparedData, best_result
     checkpoint = best_result.checkpoint
     if checkpoint is None:
         raise ExperimentError(f"the best trial {best_result.metrics.get('trial_id')} kept no checkpoint; nothing to export")
-    embeddings = data.embeddings
-    steps_per_epoch = max(1, math.ceil(len(embeddings.train) / int(hyperparameters["batch_size"])))
-    head = build_head(embeddings.train.shape[1], embeddings.num_classes, embeddings.mean, embeddings.variance, hyperparameters, steps_per_epoch)
+    steps_per_epoch = max(1, math.ceil(data.train_size / int(hyperparameters["batch_size"])))
+    head = build_head(data.embedding_size, data.num_classes, data.mean, data.variance, hyperparameters, steps_per_epoch)
     with checkpoint.as_directory() as folder:
         head.load_weights(str(Path(folder) / HEAD_WEIGHTS_FILE))
 
     backbone = _load_backbone(config)
     extractor = build_feature_extractor(data.raw_shape, data.value_range, config.backbone.image_size, backbone.cnn)
     metadata = {
-        "experiment": config.name, "backbone": config.backbone.name, "image_size": config.backbone.image_size,
+        "experiment": config.name, "backbone": config.backbone.label, "backbone_description": backbone.description,
+        "image_size": config.backbone.image_size,
         "raw_shape": list(data.raw_shape), "value_range": list(data.value_range), "hyperparameters": hyperparameters,
     }
     return export_model(extractor, head, data.class_names, path, metadata=metadata)
@@ -469,8 +533,8 @@ def _export_best_model(config: ExperimentConfig, data: PreparedData, best_result
 
 def _data_summary(data: PreparedData) -> dict[str, Any]:
     return {
-        "train_images": len(data.embeddings.train), "validation_images": len(data.embeddings.val),
-        "embedding_size": int(data.embeddings.train.shape[1]), "classes": data.class_names,
+        "train_images": data.train_size, "validation_images": data.validation_size,
+        "embedding_size": data.embedding_size, "classes": data.class_names, "backbone_description": data.backbone_description,
         "backbone_cache_hit": data.backbone_cache_hit, "embedding_cache_hit": data.embedding_cache_hit,
     }
 

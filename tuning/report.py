@@ -155,7 +155,7 @@ def write_report(
         "",
         f"- Dataset: `{config.dataset.name}`, classes {data_summary['classes']}, "
         f"{data_summary['train_images']} training and {data_summary['validation_images']} validation images",
-        f"- Backbone: `{config.backbone.name}` ({config.backbone.weights} weights), image size {config.backbone.image_size}, "
+        f"- Backbone: `{config.backbone.label}` ({data_summary['backbone_description']}), image size {config.backbone.image_size}, "
         f"embeddings of {data_summary['embedding_size']} floats "
         f"({'from the cache' if data_summary['embedding_cache_hit'] else 'computed in this run'})",
         f"- Search: Gaussian process with `{config.search.acquisition}`, {config.search.initial_points} initial space-filling random points (Latin hypercube), "

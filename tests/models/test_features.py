@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -10,9 +11,13 @@ import pytest
 from models.backbones import PREPROCESSING_VERSION
 from models.datasets import Dataset, load_dataset
 from models.features import (
+    MANIFEST_FILE,
     Embeddings,
+    cache_entry_size,
     compute_embeddings,
     embedding_cache_key,
+    embeddings_path,
+    extract_embeddings,
     load_cached_embeddings,
     save_embeddings,
 )
@@ -35,13 +40,15 @@ def test_embedding_cache_round_trip(tmp_path: Path) -> None:
     path = save_embeddings(tmp_path, key, embeddings)
     loaded = load_cached_embeddings(tmp_path, key)
 
-    assert path == tmp_path / "embeddings" / f"{key}.npz"
+    assert path == tmp_path / "embeddings" / key
+    assert sorted(entry.name for entry in path.iterdir()) == [MANIFEST_FILE, "train.npy", "val.npy"]
     assert loaded is not None
+    assert isinstance(loaded.train, np.memmap)
     assert loaded.train.dtype == np.float32
     assert loaded.val.dtype == np.float32
     np.testing.assert_array_equal(loaded.train, embeddings.train)
     np.testing.assert_array_equal(loaded.val, embeddings.val)
-    # The temporary file was renamed onto the final one.
+    # The temporary folder was renamed onto the final one.
     assert [entry.name for entry in path.parent.iterdir()] == [path.name]
 
 
@@ -54,16 +61,23 @@ def test_save_embeddings_replaces_existing_file(tmp_path: Path) -> None:
 
     assert loaded is not None
     np.testing.assert_array_equal(loaded.train, newer.train)
+    # The replaced entry was deleted, and no temporary folder is left.
+    assert [entry.name for entry in (tmp_path / "embeddings").iterdir()] == ["key"]
 
 
 def test_load_cached_embeddings_missing_returns_none(tmp_path: Path) -> None:
     assert load_cached_embeddings(tmp_path, "0123abcd") is None
 
 
-def test_load_cached_embeddings_corrupt_returns_none(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    path = tmp_path / "embeddings" / "broken.npz"
-    path.parent.mkdir()
-    path.write_bytes(b"not a zip archive")
+@pytest.mark.parametrize("damage", ["manifest", "array", "shape"])
+def test_load_cached_embeddings_corrupt_returns_none(damage: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = save_embeddings(tmp_path, "broken", _random_embeddings())
+    if damage == "manifest":
+        (path / MANIFEST_FILE).write_text("{not json")
+    elif damage == "array":
+        (path / "train.npy").write_bytes(b"not a numpy file")
+    else:
+        np.save(path / "val.npy", np.zeros((3, 12), np.float32))
 
     with caplog.at_level(logging.WARNING, logger="models.features"):
         loaded = load_cached_embeddings(tmp_path, "broken")
@@ -135,3 +149,77 @@ def test_compute_embeddings_rejects_invalid_input(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         compute_embeddings(extractor, images, batch_size=batch_size)
+
+
+def test_extract_embeddings_streams_into_cache(
+    extractor: keras.Model, target: Dataset, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = embedding_cache_key(WEIGHTS_KEY, target, 16, PREPROCESSING_VERSION)
+
+    with caplog.at_level(logging.INFO, logger="models.features"):
+        stored = extract_embeddings(
+            extractor, target, tmp_path, key, batch_size=64, log_interval_seconds=0.0, description={"backbone": "small_cnn"},
+        )
+    in_memory = compute_embeddings(extractor, np.concatenate([target.x_train, target.x_val]), batch_size=100)
+    entry = embeddings_path(tmp_path, key)
+    manifest = json.loads((entry / MANIFEST_FILE).read_text())
+    total = len(target.x_train) + len(target.x_val)
+
+    assert isinstance(stored.train, np.memmap)
+    assert stored.train.shape == (len(target.x_train), 128)
+    assert stored.val.shape == (len(target.x_val), 128)
+    np.testing.assert_allclose(stored.train, in_memory[: len(target.x_train)], atol=1e-5)
+    np.testing.assert_allclose(stored.val, in_memory[len(target.x_train) :], atol=1e-5)
+    assert manifest["counts"] == {"train": len(target.x_train), "val": len(target.x_val)}
+    assert manifest["dimension"] == 128
+    assert manifest["description"] == {"backbone": "small_cnn"}
+    # No temporary folder is left beside the entry.
+    assert [path.name for path in entry.parent.iterdir()] == [key]
+    assert cache_entry_size(entry) > 4 * 128 * total
+
+    progress_lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("Embedded ")]
+    # One line per batch of 64, with the interval at 0 seconds; the last one reports all images.
+    assert len(progress_lines) == -(-len(target.x_train) // 64) + -(-len(target.x_val) // 64)
+    assert progress_lines[-1].startswith(f"Embedded {total} of {total} images (100%)")
+    assert f"Stored embeddings at {entry}" in caplog.text
+    assert " MB)" in caplog.text
+
+
+def test_extract_embeddings_keeps_entry_stored_first(extractor: keras.Model, target: Dataset, tmp_path: Path) -> None:
+    first = _random_embeddings(seed=3)
+    save_embeddings(tmp_path, "shared", first)
+    small = Dataset(
+        x_train=target.x_train[:30], y_train=np.arange(30) % 5, x_val=target.x_val[:7], y_val=np.arange(7) % 5,
+        class_names=target.class_names, value_range=target.value_range,
+    )
+    # extract_embeddings does not look the key up first, so this is what it
+    # finds when another run sharing the cache stores the key during its extraction.
+    staging_parent = embeddings_path(tmp_path, "shared").parent
+
+    stored = extract_embeddings(extractor, small, tmp_path, "shared", batch_size=16)
+
+    # The existing entry has dimension 12, the extractor gives 128: the first entry was kept.
+    assert stored.dimension == 12
+    np.testing.assert_array_equal(stored.train, first.train)
+    assert [path.name for path in staging_parent.iterdir()] == ["shared"]
+
+
+def test_compute_embeddings_fills_given_array(extractor: keras.Model, target: Dataset, tmp_path: Path) -> None:
+    out = np.lib.format.open_memmap(tmp_path / "out.npy", mode="w+", dtype=np.float32, shape=(11, 128))
+
+    filled = compute_embeddings(extractor, target.x_val[:11], batch_size=4, out=out)
+    expected = compute_embeddings(extractor, target.x_val[:11], batch_size=11)
+
+    assert filled is out
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)
+    with pytest.raises(ValueError, match=r"out has shape \(11, 128\) and dtype float32; expected float32 \(10, 128\)"):
+        compute_embeddings(extractor, target.x_val[:10], out=out)
+
+
+def test_compute_embeddings_accepts_integer_images(extractor: keras.Model, target: Dataset) -> None:
+    images = np.rint(target.x_val[:6]).astype(np.uint8)
+
+    from_integers = compute_embeddings(extractor, images, batch_size=4)
+    from_floats = compute_embeddings(extractor, images.astype(np.float32), batch_size=4)
+
+    np.testing.assert_array_equal(from_integers, from_floats)

@@ -119,10 +119,10 @@ def test_second_run_reuses_caches(first_run):
     after = {path: path.stat().st_mtime_ns for path in cache.rglob("*") if path.is_file()}
 
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert len([path for path in before if path.suffix == ".npz"]) == 1
+    assert sorted(path.name for path in before if path.parent.parent.name == "embeddings") == ["manifest.json", "train.npy", "val.npy"]
     assert len([path for path in before if path.name.endswith(".weights.h5")]) == 1
     assert after == before
-    assert "backbone reused from cache, embeddings reused from cache" in completed.stderr
+    assert "(loaded from the cache); embeddings reused from cache" in completed.stderr
 
 
 def test_existing_run_folder_rejected(first_run):

@@ -11,7 +11,16 @@ from ray import tune
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from tuning.trainable import FAILURE_KEY, HEAD_WEIGHTS_FILE, TRIAL_STATE_FILE, EmbeddingData, TrialSettings, train_head
+from tuning.trainable import (
+    FAILURE_KEY,
+    HEAD_WEIGHTS_FILE,
+    STATISTICS_CHUNK_ROWS,
+    TRIAL_STATE_FILE,
+    EmbeddingData,
+    TrialSettings,
+    feature_statistics,
+    train_head,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +46,10 @@ def run_trials(data: EmbeddingData, param_space: dict, storage: Path, *, max_epo
 
 def test_statistics_come_from_training_embeddings(digits_data):
     assert digits_data.mean.shape == (64,)
-    assert np.allclose(digits_data.mean, digits_data.train.mean(axis=0))
-    assert np.allclose(digits_data.variance, digits_data.train.var(axis=0))
+    # The statistics are summed in float64, so they are compared with numpy's float64 result.
+    train = digits_data.train.astype(np.float64)
+    np.testing.assert_allclose(digits_data.mean, train.mean(axis=0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(digits_data.variance, train.var(axis=0), rtol=1e-6, atol=1e-6)
     assert digits_data.train.dtype == np.float32
 
 
@@ -80,3 +91,21 @@ def test_diverging_trial_fails_with_reason(ray_local, digits_data, tmp_path):
     assert "diverged" in last[FAILURE_KEY]
     assert np.isnan(last["val_loss"])
     assert "best_val_loss" not in last
+
+
+def test_statistics_of_memory_map_in_chunks(tmp_path):
+    rows = STATISTICS_CHUNK_ROWS * 2 + 17
+    values = np.random.default_rng(0).normal(loc=1000.0, scale=0.01, size=(rows, 3)).astype(np.float32)
+    np.save(tmp_path / "embeddings.npy", values)
+    mapped = np.load(tmp_path / "embeddings.npy", mmap_mode="r")
+
+    data = EmbeddingData.from_arrays(mapped, np.zeros(rows), mapped[:5], np.zeros(5), num_classes=2)
+    mean, variance = feature_statistics(np.zeros((0, 3), np.float32))
+
+    # The arrays are kept as views of the memory map, not copied.
+    assert np.shares_memory(data.train, mapped)
+    # Centred float64 sums keep the variance of values far from 0 accurate.
+    np.testing.assert_allclose(data.variance, values.astype(np.float64).var(axis=0), rtol=1e-4)
+    np.testing.assert_allclose(data.mean, values.astype(np.float64).mean(axis=0), rtol=1e-7)
+    assert mean.tolist() == [0.0, 0.0, 0.0]
+    assert variance.tolist() == [0.0, 0.0, 0.0]
