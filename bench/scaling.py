@@ -72,7 +72,7 @@ def run_quickstart(folder: Path, concurrency: int, name: str, num_trials: int) -
         "trials": len(frame),
         "failed_trials": int(len(frame) - len(done)),
         "median_startup_seconds": round(float(done["startup_seconds"].median()), 3),
-        "median_gap_seconds": round(float(np.median(slot_gaps(frame))), 3),
+        "median_gap_seconds": round(float(np.median(gaps)), 3) if (gaps := slot_gaps(frame)) else None,
         "median_training_seconds": round(float(training.median()), 2),
         "total_epochs": int(done["epochs_run"].sum()),
         "best_val_loss": round(float(done["best_val_loss"].min()), 4),
