@@ -81,6 +81,8 @@ def run(experiment: str, address: str | None, num_trials: int | None, storage: s
         click.echo(f"  {key:<14} {value}")
     for key in ("best_epoch", "best_val_loss", "best_val_accuracy"):
         click.echo(f"  {key:<18} {outcome.best_metrics.get(key)}")
+    if outcome.test_scores is not None:
+        click.echo(f"  {'test_accuracy':<18} {outcome.test_scores['accuracy']:.4f} on {outcome.test_scores['images']} held-out test images")
     click.echo(f"Outputs in {outcome.run_dir}:")
     for file_name in ("results.csv", "best_config.json", "convergence.png", "report.md", "best_model.keras"):
         click.echo(f"  {outcome.run_dir}/{file_name}")

@@ -39,9 +39,20 @@ from models.backbone_specs import (
 )
 from models.hyperparameters import ACTIVATIONS, HEAD_DEFAULTS, HEAD_HYPERPARAMETERS, OPTIMIZERS
 
-DATASET_NAMES: tuple[str, ...] = ("digits",)
+DATASET_NAMES: tuple[str, ...] = ("digits", "fashion_mnist", "cifar10", "image_folder", "npz")
+DATASETS_WITH_PATH: tuple[str, ...] = ("fashion_mnist", "cifar10", "image_folder", "npz")
+DATASETS_NEEDING_PATH: tuple[str, ...] = ("image_folder", "npz")
+DOWNLOADABLE_DATASETS: tuple[str, ...] = ("fashion_mnist", "cifar10")
+DATASET_PATH_HINTS: dict[str, str] = {
+    "image_folder": "a folder with one sub-folder of images per class",
+    "npz": "a file written by numpy.savez with x_train and y_train",
+}
 # Largest image side a backbone may resize to, in pixels.
 MAX_IMAGE_SIZE = 1024
+# Largest side, in pixels, that image folder images may be resized to. The
+# backbone resizes them to backbone.image_size, at most MAX_IMAGE_SIZE, so
+# larger images would only take memory.
+MAX_DATASET_IMAGE_SIDE = MAX_IMAGE_SIZE
 # Metrics every trial reports each epoch, in the column order of results.csv.
 REPORTED_METRICS: tuple[str, ...] = ("val_loss", "val_accuracy", "loss", "accuracy")
 DEFAULT_CACHE_DIR = Path("~/.cache/frozen-tune")
@@ -60,11 +71,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DatasetConfig(_Strict):
+class DatasetSource(_Strict):
+    """Where a dataset's images come from: the dataset's name and the options of its loader."""
+
     name: str = "digits"
-    classes: list[int] | None = None
-    validation_split: float = Field(0.2, gt=0.0, lt=1.0)
-    seed: int = 0
+    path: str | None = None
+    test_path: str | None = None
+    image_size: list[Annotated[int, Field(ge=1, le=MAX_DATASET_IMAGE_SIDE)]] | None = Field(None, min_length=2, max_length=2)
+    color_mode: Literal["rgb", "grayscale"] = "rgb"
+    download: bool = True
 
     @field_validator("name")
     @classmethod
@@ -73,9 +88,57 @@ class DatasetConfig(_Strict):
             raise ValueError(f"unknown dataset {name!r}; accepted: {', '.join(DATASET_NAMES)}")
         return name
 
+    @field_validator("path", "test_path")
+    @classmethod
+    def _absolute_path(cls, path: str | None) -> str | None:
+        # Relative paths are relative to the folder the command runs from, and
+        # are made absolute here so Ray workers with another working folder find them.
+        if path is None:
+            return None
+        return str(Path(path).expanduser().absolute())
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _square_image_size(cls, image_size: Any) -> Any:
+        if isinstance(image_size, int) and not isinstance(image_size, bool):
+            return [image_size, image_size]
+        return image_size
+
+    @model_validator(mode="after")
+    def _options_of_this_dataset(self) -> DatasetSource:
+        problems = []
+        if self.path is not None and self.name not in DATASETS_WITH_PATH:
+            problems.append(f"{self.name} takes no path (scikit-learn ships it); remove path")
+        image_folder_options = sorted({"test_path", "image_size", "color_mode"} & self.model_fields_set)
+        if image_folder_options and self.name != "image_folder":
+            verb = "applies" if len(image_folder_options) == 1 else "apply"
+            problems.append(f"{', '.join(image_folder_options)} {verb} only to image_folder; remove them for {self.name}")
+        if "download" in self.model_fields_set and self.name not in DOWNLOADABLE_DATASETS:
+            problems.append(f"download applies only to {', '.join(DOWNLOADABLE_DATASETS)}; remove it for {self.name}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def loader_options(self) -> dict[str, Any]:
+        """Return the keyword arguments of models.datasets.load_dataset that this source sets."""
+        options: dict[str, Any] = {"path": self.path}
+        if self.name == "image_folder":
+            options.update(test_path=self.test_path, image_size=self.image_size, color_mode=self.color_mode)
+        if self.name in DOWNLOADABLE_DATASETS:
+            options["download"] = self.download
+        return options
+
+
+class DatasetConfig(DatasetSource):
+    """The tuned dataset: a source, the classes to keep and the validation split."""
+
+    classes: list[int | str] | None = None
+    validation_split: float = Field(0.2, gt=0.0, lt=1.0)
+    seed: int = 0
+
     @field_validator("classes")
     @classmethod
-    def _distinct_classes(cls, classes: list[int] | None) -> list[int] | None:
+    def _distinct_classes(cls, classes: list[int | str] | None) -> list[int | str] | None:
         if classes is None:
             return None
         if len(classes) < 2:
@@ -84,15 +147,41 @@ class DatasetConfig(_Strict):
             raise ValueError(f"classes must be distinct, got {classes}")
         return classes
 
+    @model_validator(mode="after")
+    def _path_given(self) -> DatasetConfig:
+        if self.path is None and self.name in DATASETS_NEEDING_PATH:
+            raise ValueError(f"{self.name} needs path: {DATASET_PATH_HINTS[self.name]}")
+        return self
+
+    def load(self) -> Any:
+        """Load this dataset with models.datasets.load_dataset and return the Dataset.
+
+        Raises:
+            ValueError: for classes, splits or data on disk that cannot be used.
+            OSError: when a file cannot be read.
+        """
+        from models.datasets import load_dataset
+
+        return load_dataset(
+            self.name, classes=self.classes, validation_split=self.validation_split, seed=self.seed, **self.loader_options(),
+        )
+
 
 class PretrainConfig(_Strict):
-    dataset: str = "digits"
-    classes: list[int] | None = None
+    dataset: DatasetSource = DatasetSource()
+    classes: list[int | str] | None = None
     epochs: int = Field(10, ge=1)
     seed: int = 0
     validation_split: float = Field(0.2, gt=0.0, lt=1.0)
 
-    _known_dataset = field_validator("dataset")(DatasetConfig._known_dataset.__func__)
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _name_only(cls, dataset: Any) -> Any:
+        # `dataset: fashion_mnist` is short for `dataset: {name: fashion_mnist}`.
+        if isinstance(dataset, str):
+            return {"name": dataset}
+        return dataset
+
     _distinct_classes = field_validator("classes")(DatasetConfig._distinct_classes.__func__)
 
 
@@ -511,6 +600,25 @@ class ExperimentConfig(_Strict):
         chosen = self.cache_dir or os.environ.get(CACHE_DIR_VARIABLE) or str(DEFAULT_CACHE_DIR)
         return Path(chosen).expanduser().resolve()
 
+    def pretrain_dataset(self) -> DatasetConfig:
+        """Return the pretraining source as a DatasetConfig with backbone.pretrain's classes, split and seed.
+
+        When backbone.pretrain.dataset names the same dataset as `dataset`, each
+        option it leaves unset (path, image_size, color_mode, download) comes
+        from `dataset`, so `pretrain: {dataset: fashion_mnist, ...}` reads the same
+        files as the tuned dataset. The test_path is never inherited because
+        pretraining uses no test split.
+        """
+        pretrain = self.backbone.pretrain
+        options = pretrain.dataset.model_dump(include=pretrain.dataset.model_fields_set)
+        if pretrain.dataset.name == self.dataset.name:
+            inherited = self.dataset.model_dump(include={"path", "image_size", "color_mode", "download"} & self.dataset.model_fields_set)
+            options = {**inherited, **options}
+        # model_construct skips validation, so a missing path is left for
+        # check_datasets, which reports it with the field path.
+        split = {"classes": pretrain.classes, "validation_split": pretrain.validation_split, "seed": pretrain.seed}
+        return DatasetConfig.model_construct(**{**DatasetConfig().model_dump(), **options, **split})
+
     def head_hyperparameters(self, tuned: dict[str, Any]) -> dict[str, Any]:
         """Return the head's full hyperparameters for one trial: defaults, then fixed values, then tuned values."""
         return {**HEAD_DEFAULTS, **self.head, **tuned}
@@ -704,22 +812,28 @@ def check_storage_writable(config: ExperimentConfig) -> None:
 
 
 def check_datasets(config: ExperimentConfig) -> None:
-    """Load the tuned dataset and the pretraining source once, so wrong classes or splits stop the run early.
+    """Load the tuned dataset and the pretraining source once, so bad data stops the run before Ray starts.
+
+    This catches wrong classes or splits, missing paths, empty folders, classes
+    without images, corrupt files, labels out of range and mismatched shapes.
+
+    NOTE: every image is decoded here and again when the embeddings are
+    prepared, so a large image folder is read twice per run.
 
     Raises:
         ConfigError: naming the dataset field and the problem.
     """
-    from models.datasets import load_dataset
-
     checks = [("dataset", config.dataset)]
     if config.backbone.weights == "pretrained":
-        pretrain = config.backbone.pretrain
-        checks.append(("backbone.pretrain", DatasetConfig(
-            name=pretrain.dataset, classes=pretrain.classes, validation_split=pretrain.validation_split, seed=pretrain.seed,
-        )))
+        pretrain = config.pretrain_dataset()
+        # The schema checks the tuned dataset's path; the pretraining source may
+        # inherit its path from the tuned dataset, so its check happens here.
+        if pretrain.path is None and pretrain.name in DATASETS_NEEDING_PATH:
+            raise ConfigError(f"backbone.pretrain.dataset: {pretrain.name} needs path: {DATASET_PATH_HINTS[pretrain.name]}")
+        checks.append(("backbone.pretrain", pretrain))
     for field, dataset in checks:
         try:
-            load_dataset(dataset.name, classes=dataset.classes, validation_split=dataset.validation_split, seed=dataset.seed)
+            dataset.load()
         except (ValueError, OSError) as error:
             raise ConfigError(f"{field}: {error}") from None
 

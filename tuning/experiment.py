@@ -23,6 +23,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tuning import report
 from models.backbone_specs import SMALL_CNN, BackboneError
 from tuning.config import ConfigError, ExperimentConfig, check_storage_writable, load_warm_start
+from tuning.evaluation import score_on_test
 from tuning.run_folder import check_run_folder, hold_run_folder, write_snapshot
 from tuning.searcher import GaussianProcessSearcher
 from tuning.space import Parameter, SearchSpace
@@ -90,6 +91,7 @@ class ExperimentOutcome:
     num_failed: int
     wall_seconds: float
     data: PreparedData
+    test_scores: dict[str, Any] | None = None
 
 
 def search_space(config: ExperimentConfig) -> SearchSpace:
@@ -119,14 +121,10 @@ def prepare_data(config: ExperimentConfig) -> tuple[PreparedData, EmbeddingData]
             backbone section, for example a weights file that does not fit.
     """
     from models.backbones import PREPROCESSING_VERSION, build_feature_extractor
-    from models.datasets import load_dataset
     from models.features import cache_entry_size, embedding_cache_key, embeddings_path, extract_embeddings, load_cached_embeddings
 
     cache_dir = config.cache_path()
-    dataset = load_dataset(
-        config.dataset.name, classes=config.dataset.classes,
-        validation_split=config.dataset.validation_split, seed=config.dataset.seed,
-    )
+    dataset = config.dataset.load()
     backbone = _load_backbone(config)
     key = embedding_cache_key(backbone.weights_key, dataset, config.backbone.image_size, PREPROCESSING_VERSION)
 
@@ -170,7 +168,6 @@ APPLICATION_RANDOM_SEED = 0
 def _load_backbone(config: ExperimentConfig) -> Any:
     """Build the experiment's backbone: a saved model, a Keras Application, or small_cnn pretrained on the source task."""
     from models.backbones import load_backbone, load_saved_model_backbone
-    from models.datasets import load_dataset
 
     backbone_config = config.backbone
     if backbone_config.path is not None:
@@ -186,7 +183,7 @@ def _load_backbone(config: ExperimentConfig) -> Any:
     if backbone_config.weights == "none":
         return load_backbone(backbone_config.name, weights="none", image_size=backbone_config.image_size, seed=backbone_config.pretrain.seed)
     pretrain = backbone_config.pretrain
-    source = load_dataset(pretrain.dataset, classes=pretrain.classes, validation_split=pretrain.validation_split, seed=pretrain.seed)
+    source = config.pretrain_dataset().load()
     return load_backbone(
         backbone_config.name, weights="pretrained", image_size=backbone_config.image_size, seed=pretrain.seed,
         source=source, epochs=pretrain.epochs, cache_dir=config.cache_path(),
@@ -490,21 +487,24 @@ def _write_outputs(config: ExperimentConfig, data: PreparedData, results: tune.R
 
     with output_folder(config) as run_dir:
         report.write_csv(frame, run_dir / "results.csv")
+        report.plot_convergence(frame, config.search.metric, config.search.mode, run_dir / "convergence.png")
+        model_path = _export_best_model(config, data, best_result, best_hyperparameters, run_dir / "best_model.keras")
+        test_scores = score_on_test(config, model_path)
         _write_json(run_dir / "best_config.json", {
             "trial_number": best_trial_number, "trial_id": best_trial_id, "hyperparameters": best_hyperparameters,
             "metrics": best_metrics,
             "metric": config.search.metric, "mode": config.search.mode,
+            "test": test_scores,
         })
-        report.plot_convergence(frame, config.search.metric, config.search.mode, run_dir / "convergence.png")
-        model_path = _export_best_model(config, data, best_result, best_hyperparameters, run_dir / "best_model.keras")
         report.write_report(
             frame, config, run_dir / "report.md", best_trial=f"{best_trial_number} ({best_trial_id})", wall_seconds=elapsed, model_path=model_path,
-            data_summary=_data_summary(data),
+            data_summary=_data_summary(data), test_scores=test_scores,
         )
     logger.info("experiment %s finished in %.0f s; outputs in %s", config.name, elapsed, config.run_dir())
     return ExperimentOutcome(
         run_dir=config.run_dir(), best_trial_id=best_trial_id, best_trial_number=best_trial_number, best_config=best_hyperparameters, best_metrics=best_metrics,
         num_trials=len(frame), num_failed=int((frame["status"] != report.STATUS_COMPLETED).sum()), wall_seconds=elapsed, data=data,
+        test_scores=test_scores,
     )
 
 

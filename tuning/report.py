@@ -136,6 +136,7 @@ def write_report(
     wall_seconds: float,
     model_path: Path,
     data_summary: dict[str, Any],
+    test_scores: dict[str, Any] | None = None,
     top: int = 5,
 ) -> Path:
     """Write report.md: the experiment, the best trials, failed trials and why, time spent."""
@@ -167,6 +168,7 @@ def write_report(
         "",
         f"Trial {best_trial}; the model is `{model_path.name}` beside this report.",
         "",
+        *_test_lines(test_scores, model_path.name),
         "## Top trials",
         "",
         _markdown_table(ranked, ["trial_number", "trial_id", *parameters, "best_epoch", *(f"best_{name}" for name in REPORTED_METRICS), "epochs_run"]),
@@ -192,6 +194,20 @@ def write_report(
     temporary.write_text("\n".join(lines))
     os.replace(temporary, path)
     return path
+
+
+def _test_lines(test_scores: dict[str, Any] | None, model_name: str) -> list[str]:
+    if test_scores is None:
+        return ["The dataset has no held-out test split, so the model was not scored on test images.", ""]
+    lines = [
+        f"On {test_scores['images']} held-out test images, which took no part in training or in choosing the best trial, "
+        f"`{model_name}` reached test accuracy {test_scores['accuracy']:.4f} (test loss {test_scores['loss']:.4f}).",
+        "",
+        "| class | test accuracy |",
+        "|---|---|",
+    ]
+    lines += [f"| {name} | {accuracy:.4f} |" for name, accuracy in test_scores["accuracy_per_class"].items()]
+    return [*lines, ""]
 
 
 def _markdown_table(frame: pd.DataFrame, columns: list[str]) -> str:
