@@ -79,13 +79,14 @@ def read_npz(path: Path) -> Source:
 
 def _load_arrays(path: Path) -> dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise DatasetError(f"{path}: holds a single array, not the named arrays of numpy.savez; save x_train and y_train by name.")
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DatasetError(f"{path}: holds a single array, not the named arrays of numpy.savez; save x_train and y_train by name.")
+        with loaded as archive:
             return {key: archive[key] for key in archive.files}
+    except DatasetError:
+        raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        if isinstance(error, DatasetError):
-            raise
         raise DatasetError(f"{path}: cannot read the arrays ({error}); the file is corrupt or not written by numpy.savez.") from error
 
 

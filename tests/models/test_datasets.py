@@ -16,12 +16,14 @@ def test_digits_all_classes_by_default() -> None:
     dataset = load_dataset("digits")
     images, labels = _original_digits()
 
-    assert DATASETS == ("digits",)
+    assert DATASETS == ("digits", "fashion_mnist", "cifar10", "image_folder", "npz")
     assert dataset.class_names == [str(digit) for digit in range(10)]
     assert len(dataset.x_train) + len(dataset.x_val) == len(images)
     assert dataset.raw_shape == (8, 8)
     assert dataset.num_classes == 10
     assert dataset.value_range == (0.0, 16.0)
+    assert dataset.x_test is None
+    assert dataset.has_test is False
 
 
 def test_digits_raw_dtypes_and_values() -> None:
@@ -160,3 +162,88 @@ def test_dataset_rejects_labels_beyond_class_names() -> None:
             class_names=["a", "b"],
             value_range=(0.0, 1.0),
         )
+
+
+def test_digits_classes_by_name() -> None:
+    by_name = load_dataset("digits", classes=["7", "2"], seed=0)
+    by_label = load_dataset("digits", classes=[7, 2], seed=0)
+
+    assert by_name.class_names == ["7", "2"]
+    assert by_name.fingerprint() == by_label.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message_parts"),
+    [
+        ({"classes": ["5", "x"]}, ["'x'", "not a class name", "'0', '1'"]),
+        ({"classes": [5, "5"]}, ["[5]", "more than once"]),
+        ({"path": "/tmp"}, ["'digits' takes no path"]),
+        ({"image_size": 16}, ["image_size applies only to image_folder"]),
+        ({"color_mode": "grayscale", "test_path": "/tmp"}, ["test_path, color_mode apply only to image_folder"]),
+    ],
+)
+def test_digits_rejects_other_sources_options(arguments: dict, message_parts: list[str]) -> None:
+    with pytest.raises(ValueError) as error:
+        load_dataset("digits", **arguments)
+
+    for part in message_parts:
+        assert part in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "arguments", "message_parts"),
+    [
+        ("image_folder", {}, ["'image_folder' needs a path", "one sub-folder of images per class"]),
+        ("npz", {}, ["'npz' needs a path", "numpy.savez"]),
+        ("image_folder", {"path": "/tmp", "color_mode": "cmyk"}, ["color_mode='cmyk'", "rgb, grayscale"]),
+        ("image_folder", {"path": "/tmp", "image_size": (0, 4)}, ["image_size=(0, 4)", "(height, width)"]),
+        ("image_folder", {"path": "/tmp", "image_size": (4, 4, 4)}, ["image_size=(4, 4, 4)"]),
+    ],
+)
+def test_load_dataset_rejects_source_options(name: str, arguments: dict, message_parts: list[str]) -> None:
+    with pytest.raises(ValueError) as error:
+        load_dataset(name, **arguments)
+
+    for part in message_parts:
+        assert part in str(error.value), str(error.value)
+
+
+def _with_test_split(dataset: Dataset, x_test: np.ndarray, y_test: np.ndarray) -> Dataset:
+    return Dataset(
+        x_train=dataset.x_train,
+        y_train=dataset.y_train,
+        x_val=dataset.x_val,
+        y_val=dataset.y_val,
+        class_names=dataset.class_names,
+        value_range=dataset.value_range,
+        x_test=x_test,
+        y_test=y_test,
+    )
+
+
+def test_fingerprint_depends_on_test_split() -> None:
+    dataset = load_dataset("digits", classes=[5, 6])
+    with_test = _with_test_split(dataset, dataset.x_val[:4], dataset.y_val[:4])
+    other_test = _with_test_split(dataset, dataset.x_val[:4], dataset.y_val[[1, 0, 2, 3]])
+
+    assert with_test.has_test
+    assert with_test.fingerprint() != dataset.fingerprint()
+    assert with_test.fingerprint() != other_test.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("x_test", "y_test", "message"),
+    [
+        (np.zeros((3, 8, 9), dtype=np.float32), np.zeros(3, dtype=np.int64), "x_test images have shape (8, 9)"),
+        (np.zeros((3, 8, 8), dtype=np.float32), np.zeros(2, dtype=np.int64), "x_test contains 3 images"),
+        (np.zeros((3, 8, 8), dtype=np.float32), np.array([0, 1, 2]), "y_test contains labels from 0 to 2"),
+        (np.zeros((3, 8, 8), dtype=np.float32), None, "x_test and y_test must be given together"),
+    ],
+)
+def test_dataset_rejects_bad_test_split(x_test: np.ndarray, y_test: np.ndarray | None, message: str) -> None:
+    dataset = load_dataset("digits", classes=[5, 6])
+
+    with pytest.raises(ValueError) as error:
+        _with_test_split(dataset, x_test, y_test)
+
+    assert message in str(error.value)
