@@ -72,7 +72,7 @@ class _Strict(BaseModel):
 
 
 class DatasetSource(_Strict):
-    """Where a dataset's images come from: the dataset's name and the options of its loader."""
+    """The source of a dataset's images: the dataset's name and the options of its loader."""
 
     name: str = "digits"
     path: str | None = None

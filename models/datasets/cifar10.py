@@ -162,7 +162,7 @@ def _unpickle(content: bytes, where: Path) -> dict[str, Any]:
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
         raise DatasetError(f"{where}: not a readable CIFAR-10 pickle batch ({error}); the file is corrupt, so replace it.") from error
     if not isinstance(loaded, dict):
-        raise DatasetError(f"{where}: holds a {type(loaded).__name__}, not the dictionary of a CIFAR-10 batch; replace the file.")
+        raise DatasetError(f"{where}: contains a {type(loaded).__name__}, not the dictionary of a CIFAR-10 batch; replace the file.")
     return {key.decode("utf-8") if isinstance(key, bytes) else str(key): value for key, value in loaded.items()}
 
 

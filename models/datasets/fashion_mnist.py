@@ -143,7 +143,7 @@ def read_idx(path: Path, *, dimensions: int) -> np.ndarray:
 
     Raises:
         DatasetError: naming the file when it cannot be read, is not an IDX
-            file of unsigned bytes, or is shorter or longer than its header says.
+            file of unsigned bytes, or is shorter or longer than its header gives.
     """
     try:
         if path.suffix == ".gz":

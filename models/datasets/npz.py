@@ -81,7 +81,7 @@ def _load_arrays(path: Path) -> dict[str, np.ndarray]:
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise DatasetError(f"{path}: holds a single array, not the named arrays of numpy.savez; save x_train and y_train by name.")
+            raise DatasetError(f"{path}: contains a single array, not the named arrays of numpy.savez; save x_train and y_train by name.")
         with loaded as archive:
             return {key: archive[key] for key in archive.files}
     except DatasetError:

@@ -76,9 +76,9 @@ def check_images_and_labels(where: str, part: str, images: np.ndarray, labels: n
     labels = labels.astype(np.int64)
     outside = np.unique(labels[(labels < 0) | (labels >= num_classes)])
     if len(outside):
-        shown = ", ".join(str(label) for label in outside[:10])
+        listed = ", ".join(str(label) for label in outside[:10])
         raise DatasetError(
-            f"{where}: y_{part} contains labels out of range ({shown}); "
+            f"{where}: y_{part} contains labels out of range ({listed}); "
             f"with {num_classes} classes the labels must be in 0..{num_classes - 1}."
         )
     return labels

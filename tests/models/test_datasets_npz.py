@@ -142,7 +142,7 @@ def _bad_file(tmp_path: Path, damage: str) -> Path:
         ("missing path", ["npz path", "absent.npz", "not found"]),
         ("folder", ["is not a file"]),
         ("not npz", ["data.npz: cannot read the arrays", "corrupt"]),
-        ("single array", ["holds a single array"]),
+        ("single array", ["contains a single array"]),
         ("missing y_train", ["missing y_train", "['x_train']"]),
         ("x_val without y_val", ["only one of x_val and y_val"]),
         ("length mismatch", ["x_train contains 18 images but y_train contains 16 labels"]),

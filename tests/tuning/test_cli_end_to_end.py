@@ -69,6 +69,9 @@ def test_best_config_matches_table(first_run):
     assert best["metrics"]["best_val_loss"] == pytest.approx(best_row["best_val_loss"])
     assert best["hyperparameters"]["units_1"] == best_row["units_1"]
     assert best_row["trial_id"] in (run_dir / "report.md").read_text()
+    # scikit-learn's digits have no held-out test split, so nothing is scored on one.
+    assert best["test"] is None
+    assert "no held-out test split" in (run_dir / "report.md").read_text()
 
 
 def test_convergence_plot_is_png(first_run):
