@@ -38,21 +38,10 @@ from models.backbone_specs import (
     unknown_layer_message,
 )
 from models.hyperparameters import ACTIVATIONS, HEAD_DEFAULTS, HEAD_HYPERPARAMETERS, OPTIMIZERS
+from tuning.dataset_config import DATASET_PATH_HINTS, DATASETS_NEEDING_PATH, DatasetConfig, DatasetSource
 
-DATASET_NAMES: tuple[str, ...] = ("digits", "fashion_mnist", "cifar10", "image_folder", "npz")
-DATASETS_WITH_PATH: tuple[str, ...] = ("fashion_mnist", "cifar10", "image_folder", "npz")
-DATASETS_NEEDING_PATH: tuple[str, ...] = ("image_folder", "npz")
-DOWNLOADABLE_DATASETS: tuple[str, ...] = ("fashion_mnist", "cifar10")
-DATASET_PATH_HINTS: dict[str, str] = {
-    "image_folder": "a folder with one sub-folder of images per class",
-    "npz": "a file written by numpy.savez with x_train and y_train",
-}
 # Largest image side a backbone may resize to, in pixels.
 MAX_IMAGE_SIZE = 1024
-# Largest side, in pixels, that image folder images may be resized to. The
-# backbone resizes them to backbone.image_size, at most MAX_IMAGE_SIZE, so
-# larger images would only take memory.
-MAX_DATASET_IMAGE_SIDE = MAX_IMAGE_SIZE
 # Metrics every trial reports each epoch, in the column order of results.csv.
 REPORTED_METRICS: tuple[str, ...] = ("val_loss", "val_accuracy", "loss", "accuracy")
 DEFAULT_CACHE_DIR = Path("~/.cache/frozen-tune")
@@ -69,102 +58,6 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DatasetSource(_Strict):
-    """The source of a dataset's images: the dataset's name and the options of its loader."""
-
-    name: str = "digits"
-    path: str | None = None
-    test_path: str | None = None
-    image_size: list[Annotated[int, Field(ge=1, le=MAX_DATASET_IMAGE_SIDE)]] | None = Field(None, min_length=2, max_length=2)
-    color_mode: Literal["rgb", "grayscale"] = "rgb"
-    download: bool = True
-
-    @field_validator("name")
-    @classmethod
-    def _known_dataset(cls, name: str) -> str:
-        if name not in DATASET_NAMES:
-            raise ValueError(f"unknown dataset {name!r}; accepted: {', '.join(DATASET_NAMES)}")
-        return name
-
-    @field_validator("path", "test_path")
-    @classmethod
-    def _absolute_path(cls, path: str | None) -> str | None:
-        # Relative paths are relative to the folder the command runs from, and
-        # are made absolute here so Ray workers with another working folder find them.
-        if path is None:
-            return None
-        return str(Path(path).expanduser().absolute())
-
-    @field_validator("image_size", mode="before")
-    @classmethod
-    def _square_image_size(cls, image_size: Any) -> Any:
-        if isinstance(image_size, int) and not isinstance(image_size, bool):
-            return [image_size, image_size]
-        return image_size
-
-    @model_validator(mode="after")
-    def _options_of_this_dataset(self) -> DatasetSource:
-        problems = []
-        if self.path is not None and self.name not in DATASETS_WITH_PATH:
-            problems.append(f"{self.name} takes no path (scikit-learn ships it); remove path")
-        image_folder_options = sorted({"test_path", "image_size", "color_mode"} & self.model_fields_set)
-        if image_folder_options and self.name != "image_folder":
-            verb = "applies" if len(image_folder_options) == 1 else "apply"
-            problems.append(f"{', '.join(image_folder_options)} {verb} only to image_folder; remove them for {self.name}")
-        if "download" in self.model_fields_set and self.name not in DOWNLOADABLE_DATASETS:
-            problems.append(f"download applies only to {', '.join(DOWNLOADABLE_DATASETS)}; remove it for {self.name}")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
-    def loader_options(self) -> dict[str, Any]:
-        """Return the keyword arguments of models.datasets.load_dataset that this source sets."""
-        options: dict[str, Any] = {"path": self.path}
-        if self.name == "image_folder":
-            options.update(test_path=self.test_path, image_size=self.image_size, color_mode=self.color_mode)
-        if self.name in DOWNLOADABLE_DATASETS:
-            options["download"] = self.download
-        return options
-
-
-class DatasetConfig(DatasetSource):
-    """The tuned dataset: a source, the classes to keep and the validation split."""
-
-    classes: list[int | str] | None = None
-    validation_split: float = Field(0.2, gt=0.0, lt=1.0)
-    seed: int = 0
-
-    @field_validator("classes")
-    @classmethod
-    def _distinct_classes(cls, classes: list[int | str] | None) -> list[int | str] | None:
-        if classes is None:
-            return None
-        if len(classes) < 2:
-            raise ValueError(f"a classifier needs at least 2 classes, got {classes}")
-        if len(set(classes)) != len(classes):
-            raise ValueError(f"classes must be distinct, got {classes}")
-        return classes
-
-    @model_validator(mode="after")
-    def _path_given(self) -> DatasetConfig:
-        if self.path is None and self.name in DATASETS_NEEDING_PATH:
-            raise ValueError(f"{self.name} needs path: {DATASET_PATH_HINTS[self.name]}")
-        return self
-
-    def load(self) -> Any:
-        """Load this dataset with models.datasets.load_dataset and return the Dataset.
-
-        Raises:
-            ValueError: for classes, splits or data on disk that cannot be used.
-            OSError: when a file cannot be read.
-        """
-        from models.datasets import load_dataset
-
-        return load_dataset(
-            self.name, classes=self.classes, validation_split=self.validation_split, seed=self.seed, **self.loader_options(),
-        )
 
 
 class PretrainConfig(_Strict):
