@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from models.datasets import IMAGE_EXTENSIONS
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+logger = logging.getLogger(__name__)
 
 # Images are classified in batches of this many, so a large folder never sits in memory twice.
 BATCH_SIZE = 256
@@ -41,13 +41,13 @@ def collect_images(paths: list[Path]) -> list[Path]:
     images: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found = sorted(child for child in path.rglob("*") if child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(child for child in path.rglob("*") if child.is_file() and child.suffix.lower() in IMAGE_EXTENSIONS)
             if not found:
-                raise PredictError(f"folder {str(path)!r} contains no images ({', '.join(IMAGE_SUFFIXES)})")
+                raise PredictError(f"folder {str(path)!r} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
             images.extend(found)
         elif path.is_file():
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                raise PredictError(f"{str(path)!r} is not an image file; pass files ending in {', '.join(IMAGE_SUFFIXES)} or a folder")
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise PredictError(f"{str(path)!r} is not an image file; pass files ending in {', '.join(IMAGE_EXTENSIONS)} or a folder")
             images.append(path)
         else:
             raise PredictError(f"image or folder {str(path)!r} not found")
@@ -59,28 +59,25 @@ def collect_images(paths: list[Path]) -> list[Path]:
 def load_image(path: Path, raw_shape: tuple[int, ...], value_range: tuple[float, float]) -> np.ndarray:
     """Read one image file and convert it to the model's raw input form (float32, `raw_shape`).
 
+    Files are decoded exactly as image_folder datasets decode theirs
+    (models.datasets.read_image), so a model sees new files as it saw its
+    training images.
+
     Raises:
         PredictError: when the file cannot be decoded or the model expects a channel count other than 1 or 3.
     """
-    from PIL import Image, UnidentifiedImageError
+    from models.datasets import DatasetError, read_image
 
-    height, width = raw_shape[0], raw_shape[1]
     channels = raw_shape[2] if len(raw_shape) == 3 else 1
     if channels not in (1, 3):
         raise PredictError(f"the model expects {channels} channels per pixel; predict reads grayscale (1) and RGB (3) images only")
     try:
-        with Image.open(path) as image:
-            # GIFs and multi-page files: the first frame.
-            image.seek(0)
-            converted = image.convert("L" if channels == 1 else "RGB")
-            if converted.size != (width, height):
-                converted = converted.resize((width, height), Image.Resampling.BILINEAR)
-            pixels = np.asarray(converted, dtype=np.float32)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise PredictError(f"cannot read image {str(path)!r}: {error}; check that the file is a complete PNG, JPEG, BMP or GIF") from None
+        pixels = read_image(path, size=(raw_shape[0], raw_shape[1]), color_mode="grayscale" if channels == 1 else "rgb")
+    except DatasetError as error:
+        raise PredictError(str(error)) from None
 
     low, high = value_range
-    raw = low + pixels / 255.0 * (high - low)
+    raw = low + pixels.astype(np.float32) / 255.0 * (high - low)
     return raw.reshape(raw_shape)
 
 
