@@ -441,7 +441,7 @@ class ProgressLogger(tune.Callback):
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._lines.append((logging.WARNING, (
             f"trial {trial_number(trial)} ({trial.trial_id}) lost its worker ({_first_line(trial)}); "
-            f"retrying it from its last checkpoint, retry {trial.num_failures} of {trial.max_failures}"
+            f"retrying it from its last checkpoint (at most {trial.max_failures} retries per trial)"
         )))
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:

@@ -123,8 +123,9 @@ def train_head(config: dict[str, Any], data: EmbeddingData, settings: TrialSetti
     """
     started = time.monotonic()
     _configure_tensorflow(settings.cpus_per_trial, settings.gpus_per_trial)
-    # Fields of every report: where the trial runs and when it started (Unix time).
-    labels = {"node": _node_address(), "started_at": time.time() - (time.monotonic() - started)}
+    # Fields of every report: where the trial runs, when it started (Unix time), and the
+    # checkpoint's epoch it continued from after a retry or a resume (0 for a fresh start).
+    labels = {"node": _node_address(), "started_at": time.time() - (time.monotonic() - started), "resumed_from_epoch": 0}
     progress = {"epoch": 0}
     try:
         _train(config, data, settings, started, labels, progress)
@@ -164,6 +165,7 @@ def _train(
         # The learning rate decays with the optimizer's step count, so a resumed
         # trial continues the schedule instead of starting it again.
         head.optimizer.iterations.assign(first_epoch * steps_per_epoch)
+        labels["resumed_from_epoch"] = first_epoch
         logger.info("resuming trial from its checkpoint at epoch %d", first_epoch)
 
     from tuning.epoch_reporter import EpochReporter

@@ -27,7 +27,7 @@ QUICKSTART = REPOSITORY / "examples" / "quickstart.yaml"
 # to be placed (one per node), short of their end (EPOCHS epochs each, no early stop).
 KILL_AFTER_SECONDS = 12
 EPOCHS = 200
-RETRY_LINE = re.compile(r"trial (\d{5}) \((\w+)\) lost its worker .*retry 1 of 2")
+RETRY_LINE = re.compile(r"trial (\d{5}) \((\w+)\) lost its worker .*retrying it from its last checkpoint")
 
 
 def head_node_id(cluster) -> str:
@@ -79,6 +79,7 @@ def test_trial_on_lost_node_finishes_on_head(tmp_path):
                 driver.wait()
         reader.join(timeout=30)
         errors = "".join(lines)
+        (tmp_path / "driver.log").write_text(errors)
 
         assert driver.returncode == 0, errors[-4000:]
         retried = RETRY_LINE.search(errors)
@@ -89,4 +90,9 @@ def test_trial_on_lost_node_finishes_on_head(tmp_path):
         row = frame.set_index("trial_id").loc[retried.group(2)]
         assert row["node"].endswith(head)
         assert row["epochs_run"] == EPOCHS
+        # The retry continued from the trial's checkpoint instead of starting again at epoch 1.
+        progress = pd.read_csv(os.path.join(row["path"], "progress.csv"))
+        resumed_from = int(progress["resumed_from_epoch"].iloc[-1])
+        assert 0 < resumed_from < EPOCHS
+        assert (progress["epoch"] == resumed_from + 1).any()
         assert "Best trial" in output
