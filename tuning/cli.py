@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import yaml
@@ -17,6 +18,8 @@ from tuning.run_folder import check_run_folder
 logger = logging.getLogger(__name__)
 
 EXIT_INVALID_INPUT = 2
+# The shell's code for a command stopped by SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
 
 
 def _configure_logging(level: str) -> None:
@@ -67,6 +70,9 @@ def run(experiment: str, address: str | None, num_trials: int | None, storage: s
 
     try:
         outcome = run_experiment(config, address=address, dashboard=dashboard, resume=resume)
+    except KeyboardInterrupt:
+        _report_interrupted(config)
+        sys.exit(EXIT_INTERRUPTED)
     except ConfigError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_INVALID_INPUT)
@@ -86,6 +92,17 @@ def run(experiment: str, address: str | None, num_trials: int | None, storage: s
     click.echo(f"Outputs in {outcome.run_dir}:")
     for file_name in ("results.csv", "best_config.json", "convergence.png", "report.md", "best_model.keras"):
         click.echo(f"  {outcome.run_dir}/{file_name}")
+
+
+def _report_interrupted(config: Any) -> None:
+    """Tell how to continue a run stopped by Ctrl-C, or that there is nothing to continue."""
+    from tuning.run_folder import has_experiment_state
+
+    if config.is_remote_storage or has_experiment_state(Path(config.run_dir())):
+        click.echo(f"interrupted: the run's state is saved in {config.run_dir()}; finished trials are kept. "
+                   "Continue it with the same command and --resume.", err=True)
+    else:
+        click.echo("interrupted before the first trial started; nothing to resume. Run the command again to start over.", err=True)
 
 
 @main.command()

@@ -317,6 +317,10 @@ def _run_tuner(config: ExperimentConfig, embeddings: Any, *, resume: bool) -> tu
     # Save the experiment state (trials and searcher) at every step of Ray Tune's loop instead
     # of every 10 s or more, so a trial reported as finished is never lost to a crash.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    # Ctrl-C raises KeyboardInterrupt out of fit() instead of Ray Tune's own handling, which
+    # returned partial results as if the run had finished. The state saved at the last
+    # step is what `--resume` continues from.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     settings = TrialSettings(
         metric=search.metric, mode=search.mode, max_epochs=config.training.max_epochs, patience=config.training.patience,
         fixed_hyperparameters=dict(config.head), cpus_per_trial=config.resources.cpus_per_trial,

@@ -42,7 +42,7 @@ def check_run_folder(config: ExperimentConfig, *, resume: bool = False) -> None:
             "wait for it to finish, or choose a new name with --name"
         )
     finished = (run_dir / RESULTS_FILE).exists()
-    started = _has_experiment_state(run_dir)
+    started = has_experiment_state(run_dir)
     if resume:
         if finished:
             raise ConfigError(
@@ -136,7 +136,8 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
-def _has_experiment_state(run_dir: Path) -> bool:
+def has_experiment_state(run_dir: Path) -> bool:
+    """Return whether Ray Tune has saved an experiment state in `run_dir`."""
     return run_dir.is_dir() and any(run_dir.glob("experiment_state-*.json"))
 
 

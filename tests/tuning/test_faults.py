@@ -170,3 +170,37 @@ def test_diverging_trials_fail_with_reason(tmp_path, cache):
     report = (run_dir / "report.md").read_text()
     assert "the head diverged" in report
     assert re.search(r"trial \d{5} \(\w+\) failed, \d of 5 done: FloatingPointError", completed.stderr)
+
+
+def test_interrupted_run_writes_no_outputs(tmp_path, cache):
+    experiment = write_experiment(tmp_path / "ctrlc.yaml", tiny_experiment(**{"name": "ctrlc", "search.num_trials": 4}))
+    storage = tmp_path / "runs"
+    process = subprocess.Popen(
+        cli_command(experiment, storage), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        env=cli_environment(cache), start_new_session=True,
+    )
+    errors = []
+    try:
+        for line in process.stderr:
+            errors.append(line)
+            if FINISHED_LINE.search(line):
+                # Ctrl-C in a terminal sends SIGINT to the whole foreground process group.
+                os.killpg(os.getpgid(process.pid), signal.SIGINT)
+                break
+        errors.extend(process.stderr)
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            kill_process_group(process)
+    output = "".join(errors)
+
+    assert process.returncode == 130, output[-3000:]
+    assert "Continue it with the same command and --resume" in output
+    assert not (storage / "ctrlc" / "results.csv").exists()
+    assert not (storage / "ctrlc" / "best_model.keras").exists()
+
+    resumed = run_cli(experiment, storage, cache, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    frame = pd.read_csv(storage / "ctrlc" / "results.csv")
+    assert len(frame) == 4
+    assert (frame["status"] == "TERMINATED").all()
