@@ -23,9 +23,9 @@ from conftest import REPOSITORY, running_two_node_cluster
 
 QUICKSTART = REPOSITORY / "examples" / "quickstart.yaml"
 
-# Seconds between the start of the trials and the kill: long enough for both first trials
-# to be placed (one per node), short of their end (EPOCHS epochs each, no early stop).
-KILL_AFTER_SECONDS = 12
+# Seconds between the first checkpoints of both trials and the kill, short of the trials'
+# end (EPOCHS epochs each, no early stop).
+KILL_AFTER_SECONDS = 2
 EPOCHS = 200
 RETRY_LINE = re.compile(r"trial (\d{5}) \((\w+)\) lost its worker .*retrying it from its last checkpoint")
 
@@ -68,6 +68,13 @@ def test_trial_on_lost_node_finishes_on_head(tmp_path):
         reader.start()
         try:
             assert tuner_started.wait(timeout=600), "".join(lines)[-3000:]
+            # Kill only once both first trials have stored a checkpoint, so the retry has one to resume from.
+            run_dir = cluster.shared_storage / "worker-loss"
+            deadline = time.monotonic() + 600
+            while len([trial for trial in run_dir.glob("0000*") if any(trial.glob("checkpoint_*"))]) < 2:
+                assert driver.poll() is None, "".join(lines)[-3000:]
+                assert time.monotonic() < deadline, "the trials stored no checkpoints"
+                time.sleep(0.5)
             time.sleep(KILL_AFTER_SECONDS)
             assert driver.poll() is None, "".join(lines)[-3000:]
             os.killpg(cluster.worker.pid, signal.SIGKILL)
