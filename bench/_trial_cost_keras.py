@@ -144,7 +144,7 @@ def make_tuner(plan: dict[str, Any], hypermodel, folder: str, recorder=None):
 
 
 def make_hypermodel(plan: dict[str, Any], images: dict[str, np.ndarray]):
-    """Build the hypermodel: raw images -> frozen backbone -> frozen-tune's head, trained end to end on images."""
+    """Build the hypermodel: raw images -> frozen backbone -> frozen-tune's head, fit on the images."""
     import keras
     import keras_tuner
 
@@ -175,7 +175,7 @@ def make_hypermodel(plan: dict[str, Any], images: dict[str, np.ndarray]):
 
 
 def make_recorder():
-    """Build a Keras callback that records each trial's wall time and each epoch's time and metrics."""
+    """Build a Keras callback that records the wall and CPU time of each trial and epoch, and each epoch's metrics."""
     import keras
 
     class TrialRecorder(keras.callbacks.Callback):
@@ -184,23 +184,27 @@ def make_recorder():
             self.trials: dict[str, dict[str, Any]] = {}
             self.current: dict[str, Any] = {}
             self.epoch_started = 0.0
+            self.epoch_cpu_started = 0.0
 
         def __deepcopy__(self, memo):
             # KerasTuner deep-copies the callbacks for every trial, but the records must stay in this one object.
             return self
 
         def begin_trial(self, trial_id: str) -> None:
-            self.current = {"started": time.monotonic(), "epochs": []}
+            self.current = {"started": time.monotonic(), "cpu_started": time.process_time(), "epochs": []}
             self.trials[trial_id] = self.current
 
         def end_trial(self, trial_id: str) -> None:
-            self.trials[trial_id]["seconds"] = time.monotonic() - self.trials[trial_id]["started"]
+            record = self.trials[trial_id]
+            record["seconds"] = time.monotonic() - record["started"]
+            record["cpu_seconds"] = time.process_time() - record["cpu_started"]
 
         def on_epoch_begin(self, epoch, logs=None):
             self.epoch_started = time.monotonic()
+            self.epoch_cpu_started = time.process_time()
 
         def on_epoch_end(self, epoch, logs=None):
-            record = {"seconds": time.monotonic() - self.epoch_started}
+            record = {"seconds": time.monotonic() - self.epoch_started, "cpu_seconds": time.process_time() - self.epoch_cpu_started}
             record.update({name: float(value) for name, value in (logs or {}).items()})
             self.current["epochs"].append(record)
 
@@ -210,10 +214,10 @@ def make_recorder():
 def prepare(plan: dict[str, Any]) -> dict[str, Any]:
     """Pretrain the backbone unless its file exists, then list the configurations KerasTuner will try, in order.
 
-    A throwaway tuner with the same seed and space draws them: KerasTuner's
-    Bayesian tuner samples its first 3 x (number of hyperparameters) trials at
-    random from a generator seeded by `seed`, so the real search draws the same
-    ones. bench/trial_cost.py checks that it did.
+    A throwaway tuner with the same seed and space draws them. KerasTuner
+    1.4.8's Bayesian tuner samples its first 3 x (number of hyperparameters)
+    trials at random from its seed, so the real search draws the same ones.
+    bench/trial_cost.py checks that it did.
     """
     result: dict[str, Any] = {"pretrained_now": False}
     if not Path(plan["backbone"]).exists():
@@ -251,8 +255,8 @@ def search(plan: dict[str, Any]) -> dict[str, Any]:
     searched = time.monotonic()
 
     trials = []
-    for trial_id, trial in sorted(tuner.oracle.trials.items()):
-        record = recorder.trials.get(trial_id, {"epochs": [], "seconds": None})
+    for trial_id, trial in sorted(tuner.oracle.trials.items(), key=lambda item: int(item[0])):
+        record = recorder.trials.get(trial_id, {"epochs": [], "seconds": None, "cpu_seconds": None})
         epochs = record["epochs"]
         best = min(range(len(epochs)), key=lambda index: epochs[index]["val_loss"]) if epochs else None
         trials.append({
@@ -261,6 +265,7 @@ def search(plan: dict[str, Any]) -> dict[str, Any]:
             "message": (trial.message or "")[-2000:],
             "configuration": dict(trial.hyperparameters.values),
             "seconds": record["seconds"],
+            "cpu_seconds": record["cpu_seconds"],
             "epochs": epochs,
             "best_epoch": None if best is None else best + 1,
             "best_val_loss": None if best is None else epochs[best]["val_loss"],

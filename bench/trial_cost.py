@@ -49,9 +49,11 @@ import pandas as pd
 import yaml
 
 from _process_tree import TreeRun, run_sampled
-from extraction import CLASS_NAMES, DEFAULT_DATA, FILES, read_idx
 
 REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPOSITORY))
+
+from models.datasets.fashion_mnist import DEBIAN_FOLDER, read_fashion_mnist  # noqa: E402 - needs the path above
 KERAS_SIDE = Path(__file__).resolve().parent / "_trial_cost_keras.py"
 
 SEARCH_SPACE = {
@@ -72,9 +74,9 @@ _EMBEDDING_LOG = re.compile(r"computed embeddings for (\d+) images in ([\d.]+) s
 
 def write_data(work: Path, arguments: argparse.Namespace) -> dict[str, str]:
     """Write the benchmark split (data.npz) and the disjoint pretraining images (pretrain.npz)."""
-    folder = Path(arguments.data)
-    train_images, train_labels = read_idx(folder / FILES["x_train"]), read_idx(folder / FILES["y_train"])
-    test_images, test_labels = read_idx(folder / FILES["x_test"]), read_idx(folder / FILES["y_test"])
+    source = read_fashion_mnist(Path(arguments.data), download=False)
+    train_images, train_labels = source.x_train, source.y_train
+    test_images, test_labels = source.x_test, source.y_test
 
     generator = np.random.default_rng(arguments.seed)
     order = generator.permutation(len(train_images))
@@ -85,7 +87,7 @@ def write_data(work: Path, arguments: argparse.Namespace) -> dict[str, str]:
     data, pretrain_data = work / "data.npz", work / "pretrain.npz"
     np.savez(
         data, x_train=train_images[train], y_train=train_labels[train].astype(np.int64),
-        x_val=test_images[val], y_val=test_labels[val].astype(np.int64), class_names=np.array(CLASS_NAMES),
+        x_val=test_images[val], y_val=test_labels[val].astype(np.int64), class_names=np.array(source.class_names),
     )
     np.savez(pretrain_data, x=train_images[pretrain], y=train_labels[pretrain].astype(np.int64))
     return {"data": str(data), "pretrain_data": str(pretrain_data)}
@@ -129,6 +131,9 @@ def run_frozen_tune(experiment: Path, name: str, plan: dict[str, Any], env: dict
         raise SystemExit(f"frozen-tune run {name} failed with exit code {run.returncode}")
 
     frame = pd.read_csv(Path(plan["work"]) / "runs" / name / "results.csv")
+    failed = frame[frame["status"] != "TERMINATED"]
+    if not failed.empty:
+        raise SystemExit(f"{len(failed)} frozen-tune trials of run {name} failed; the first: {failed['error'].iloc[0]}")
     trials = []
     for _, row in frame.iterrows():
         reports = [json.loads(line) for line in (Path(row["path"]) / "result.json").read_text().splitlines() if line.strip()]
@@ -146,10 +151,16 @@ def run_frozen_tune(experiment: Path, name: str, plan: dict[str, Any], env: dict
             "ended_at": float(row["ended_at"]),
         })
 
+    # The trials run one after another in reused Ray workers, so the tree's CPU
+    # time from the first trial's start to the last trial's end is their cost,
+    # Ray's own processes and the searcher included.
+    trial_phase_cpu = run.cpu_between(min(trial["started_at"] for trial in trials), max(trial["ended_at"] for trial in trials))
     match = _EMBEDDING_LOG.search(run.stderr)
     return {
         "name": name,
         "wall_seconds": run.wall_seconds,
+        "cpu_seconds": run.cpu_seconds,
+        "trial_cpu_seconds_mean": trial_phase_cpu / len(trials),
         "peak_rss_mb": run.peak_rss_mb,
         "peak_pss_mb": run.peak_pss_mb,
         "peak_processes": run.peak_processes,
@@ -185,16 +196,24 @@ def break_even_trials(fixed_ours: float, per_trial_ours: float, fixed_theirs: fl
 
 
 def summarize(ours_cold: dict[str, Any], keras_tuner: dict[str, Any], keras_run: TreeRun, ours_warm: dict[str, Any]) -> dict[str, Any]:
+    """Compute the ratios, fixed costs, break-even, accuracy differences and memory peaks of the three runs."""
     ours_trials = ours_cold["trials"] + ours_warm["trials"]
     ours_trial_seconds = [trial["seconds"] for trial in ours_trials]
     ours_epoch_seconds = [seconds for trial in ours_trials for seconds in trial["epoch_seconds"]]
     keras_trial_seconds = [trial["seconds"] for trial in keras_tuner["trials"]]
     keras_epoch_seconds = [epoch["seconds"] for trial in keras_tuner["trials"] for epoch in trial["epochs"]]
+    # A trial's first epoch also traces the training step, so the later epochs are the steady state.
+    ours_steady_seconds = [seconds for trial in ours_trials for seconds in trial["epoch_seconds"][1:]]
+    keras_steady_seconds = [epoch["seconds"] for trial in keras_tuner["trials"] for epoch in trial["epochs"][1:]]
 
     # Everything a run spends outside its trials: start-up, embeddings, outputs.
     fixed_ours = ours_cold["wall_seconds"] - sum(trial["seconds"] for trial in ours_cold["trials"])
     fixed_ours_warm = ours_warm["wall_seconds"] - sum(trial["seconds"] for trial in ours_warm["trials"])
     fixed_keras = keras_run.wall_seconds - sum(keras_trial_seconds)
+
+    # CPU time barely changes when other processes compete for the cores, unlike wall time.
+    keras_trial_cpu = [trial["cpu_seconds"] for trial in keras_tuner["trials"]]
+    ours_trial_cpu = (ours_cold["trial_cpu_seconds_mean"] + ours_warm["trial_cpu_seconds_mean"]) / 2
 
     accuracy = []
     for index, trial in enumerate(keras_tuner["trials"]):
@@ -216,6 +235,12 @@ def summarize(ours_cold: dict[str, Any], keras_tuner: dict[str, Any], keras_run:
         "keras_tuner_epoch_seconds_median": float(np.median(keras_epoch_seconds)),
         "ours_epoch_seconds_median": float(np.median(ours_epoch_seconds)),
         "epoch_ratio_median": float(np.median(keras_epoch_seconds) / np.median(ours_epoch_seconds)),
+        "keras_tuner_steady_epoch_seconds_median": float(np.median(keras_steady_seconds)),
+        "ours_steady_epoch_seconds_median": float(np.median(ours_steady_seconds)),
+        "steady_epoch_ratio_median": float(np.median(keras_steady_seconds) / np.median(ours_steady_seconds)),
+        "keras_tuner_trial_cpu_seconds_mean": float(np.mean(keras_trial_cpu)),
+        "ours_trial_cpu_seconds_mean": ours_trial_cpu,
+        "trial_cpu_ratio_mean": float(np.mean(keras_trial_cpu) / ours_trial_cpu),
         "embedding_seconds": ours_cold["embedding_seconds"],
         "embedded_images": ours_cold["embedded_images"],
         "cold_minus_warm_wall_seconds": ours_cold["wall_seconds"] - ours_warm["wall_seconds"],
@@ -226,6 +251,7 @@ def summarize(ours_cold: dict[str, Any], keras_tuner: dict[str, Any], keras_run:
         "accuracy": accuracy,
         "max_accuracy_difference_points": max(differences) if differences else None,
         "wall_seconds": {"ours_cold": ours_cold["wall_seconds"], "keras_tuner": keras_run.wall_seconds, "ours_warm": ours_warm["wall_seconds"]},
+        "cpu_seconds": {"ours_cold": ours_cold["cpu_seconds"], "keras_tuner": keras_run.cpu_seconds, "ours_warm": ours_warm["cpu_seconds"]},
         "peak_rss_mb": {"ours_cold": ours_cold["peak_rss_mb"], "keras_tuner": keras_run.peak_rss_mb, "ours_warm": ours_warm["peak_rss_mb"]},
         "peak_pss_mb": {"ours_cold": ours_cold["peak_pss_mb"], "keras_tuner": keras_run.peak_pss_mb, "ours_warm": ours_warm["peak_pss_mb"]},
     }
@@ -250,7 +276,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", default="/tmp/frozen-tune-trial-cost", help="Folder for data, backbone, runs and results; "
                         "its runs, cache and KerasTuner folders are emptied first, the pretrained backbone is reused.")
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="Folder with Fashion-MNIST's four gzip IDX files.")
+    parser.add_argument("--data", default=str(DEBIAN_FOLDER), help="Folder with Fashion-MNIST's four gzip IDX files.")
     parser.add_argument("--train-images", type=int, default=6000, help="Training images, from Fashion-MNIST's training set.")
     parser.add_argument("--val-images", type=int, default=1500, help="Validation images, from Fashion-MNIST's test set.")
     parser.add_argument("--pretrain-images", type=int, default=5000, help="Other training images the backbone is pretrained on.")
@@ -283,6 +309,7 @@ def main() -> None:
 
     prepared, _ = run_keras_side("prepare", plan_path, work, env)
     configurations = prepared["configurations"]
+    load_before_runs = load_average()
     experiment = work / "experiment.yaml"
     write_experiment(plan, configurations, experiment)
 
@@ -295,7 +322,7 @@ def main() -> None:
         raise SystemExit(f"{len(failed)} KerasTuner trials failed; the first: {failed[0]['message']}")
     drawn = [trial["configuration"] for trial in keras_tuner["trials"]]
     if len(drawn) != len(configurations) or not all(map(same_configuration, drawn, configurations)):
-        raise SystemExit(f"KerasTuner tried {drawn}, not the previewed {configurations}; the comparison is void.")
+        raise SystemExit(f"KerasTuner tried {drawn}, not the previewed {configurations}, so the two sides trained different configurations.")
 
     result = {
         "settings": {**vars(arguments), "threads": THREADS, "space": SEARCH_SPACE, "head": FIXED_HEAD},
@@ -305,7 +332,7 @@ def main() -> None:
         "keras_tuner": {**keras_tuner, "wall_seconds": keras_run.wall_seconds},
         "ours_cold": ours_cold,
         "ours_warm": ours_warm,
-        "load_average": {"start": load_at_start, "end": load_average()},
+        "load_average": {"start": load_at_start, "before_runs": load_before_runs, "end": load_average()},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "versions": versions(),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
