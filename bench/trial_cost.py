@@ -286,9 +286,17 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=2, help="Epochs without a lower val_loss before a trial stops.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the data subsets, the pretraining and KerasTuner.")
     arguments = parser.parse_args()
+    for option in ("train_images", "val_images", "pretrain_images", "pretrain_epochs", "trials", "epochs", "patience"):
+        if getattr(arguments, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} {getattr(arguments, option)} is invalid; it must be at least 1.")
+    if arguments.seed < 0:
+        parser.error(f"--seed {arguments.seed} is invalid; it must be at least 0.")
+    if arguments.train_images + arguments.pretrain_images > 60000 or arguments.val_images > 10000:
+        parser.error("Fashion-MNIST has 60,000 training and 10,000 test images; lower --train-images, "
+                     "--pretrain-images or --val-images.")
     if arguments.trials > 3 * len(SEARCH_SPACE):
         parser.error(f"--trials {arguments.trials} is too many: KerasTuner draws only its first {3 * len(SEARCH_SPACE)} "
-                     f"configurations at random, so later ones cannot be known before its search; use at most that.")
+                     f"configurations at random, so later ones cannot be known before its search; use at most {3 * len(SEARCH_SPACE)}.")
 
     load_at_start = load_average()
     work = Path(arguments.work_dir).absolute()
