@@ -62,3 +62,14 @@ def run_cli(experiment: Path, storage: Path, cache: Path, *extra: str) -> subpro
     return subprocess.run(
         cli_command(experiment, storage, *extra), capture_output=True, text=True, timeout=900, env=cli_environment(cache),
     )
+
+
+def start_cli(experiment: Path, storage: Path, cache: Path, *, keep_stdout: bool = False) -> subprocess.Popen:
+    """Start `frozen-tune run` in its own process group, so a test can kill it with everything it started.
+
+    Standard error is a pipe for the test to read. Standard output is discarded unless `keep_stdout`.
+    """
+    return subprocess.Popen(
+        cli_command(experiment, storage), stderr=subprocess.PIPE, stdout=subprocess.PIPE if keep_stdout else subprocess.DEVNULL,
+        text=True, env=cli_environment(cache), start_new_session=True,
+    )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from cli_support import cli_command, cli_environment, run_cli, tiny_experiment, write_experiment
+from cli_support import run_cli, start_cli, tiny_experiment, write_experiment
 
 # "trial 00003 (0c7f2a1b) finished, 2 of 6 done: val_loss 0.0482 at best epoch ..."
 FINISHED_LINE = re.compile(r"trial (\d{5}) \((\w+)\) finished, \d+ of \d+ done: val_loss (\S+) ")
@@ -41,10 +41,7 @@ def cache(tmp_path_factory) -> Path:
 def test_killed_run_resumes_exactly(tmp_path, cache):
     experiment = write_experiment(tmp_path / "resume.yaml", tiny_experiment(**{"name": "resume", "search.num_trials": 6}))
     storage = tmp_path / "runs"
-    process = subprocess.Popen(
-        cli_command(experiment, storage), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-        env=cli_environment(cache), start_new_session=True,
-    )
+    process = start_cli(experiment, storage, cache)
     finished_before_kill: dict[str, float] = {}
     try:
         for line in process.stderr:
@@ -110,10 +107,7 @@ def test_busy_folder_rejects_second_run(tmp_path, cache):
     experiment = write_experiment(tmp_path / "busy.yaml", tiny_experiment(name="busy"))
     storage = tmp_path / "runs"
     lock = storage / "busy" / ".frozen-tune.lock"
-    first = subprocess.Popen(
-        cli_command(experiment, storage), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=cli_environment(cache), start_new_session=True,
-    )
+    first = start_cli(experiment, storage, cache, keep_stdout=True)
     try:
         deadline = time.monotonic() + 300
         while not (lock.exists() and lock.read_text().startswith("pid ")):
@@ -175,10 +169,7 @@ def test_diverging_trials_fail_with_reason(tmp_path, cache):
 def test_interrupted_run_writes_no_outputs(tmp_path, cache):
     experiment = write_experiment(tmp_path / "ctrlc.yaml", tiny_experiment(**{"name": "ctrlc", "search.num_trials": 4}))
     storage = tmp_path / "runs"
-    process = subprocess.Popen(
-        cli_command(experiment, storage), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-        env=cli_environment(cache), start_new_session=True,
-    )
+    process = start_cli(experiment, storage, cache)
     errors = []
     try:
         for line in process.stderr:
