@@ -13,13 +13,10 @@ import yaml
 
 from tuning.cli_jobs import jobs_group, submit
 from tuning.config import ConfigError, check_datasets, check_storage_writable, load_experiment, load_warm_start
+from tuning.exit_codes import EXIT_INTERRUPTED, EXIT_INVALID_INPUT
 from tuning.run_folder import check_run_folder
 
 logger = logging.getLogger(__name__)
-
-EXIT_INVALID_INPUT = 2
-# The shell's code for a command stopped by SIGINT (128 + 2).
-EXIT_INTERRUPTED = 130
 
 
 def _configure_logging(level: str) -> None:

@@ -8,10 +8,7 @@ import sys
 import click
 
 from tuning.config import ConfigError, check_cluster_paths, check_datasets, load_experiment, load_warm_start
-
-EXIT_FAILED = 1
-EXIT_INVALID_INPUT = 2
-EXIT_INTERRUPTED = 130
+from tuning.exit_codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID_INPUT
 
 # Ray's own `ray job` commands read the dashboard address from this variable too.
 JOBS_ADDRESS_VARIABLE = "RAY_API_SERVER_ADDRESS"

@@ -1,0 +1,6 @@
+"""Exit codes shared by every `frozen-tune` command."""
+
+EXIT_FAILED = 1
+EXIT_INVALID_INPUT = 2
+# The shell's code for a command stopped by SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
