@@ -579,7 +579,8 @@ def _format_validation_error(error: ValidationError) -> list[str]:
 
         value = item.get("input")
         value_note = ""
-        if item["type"] != "missing" and not isinstance(value, dict) and repr(value) not in message:
+        # Our own validators already quote the value as "got ...", and pydantic's built-in messages do not.
+        if item["type"] != "missing" and not isinstance(value, dict) and "got " not in message:
             value_note = f" (got {value!r})"
         lines.append(f"{path}: {message}{value_note}")
     return lines
@@ -661,7 +662,9 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None, o
     if not path.is_file():
         raise ConfigError(f"experiment file {str(path)!r} not found; pass the path of a YAML file such as examples/quickstart.yaml")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        # Reading from the open file lets YAML's error marks name it instead of "<unicode string>".
+        with path.open(encoding="utf-8") as stream:
+            data = yaml.safe_load(stream)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
     except (OSError, UnicodeDecodeError) as error:
