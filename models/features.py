@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -253,7 +254,7 @@ def extract_embeddings(
         dimension, progress.total, path, batch_size,
     )
 
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp"))
+    staging = _new_staging_folder(path)
     try:
         for split, images in parts.items():
             array = np.lib.format.open_memmap(
@@ -334,7 +335,7 @@ def save_embeddings(cache_dir: Path, key: str, embeddings: Embeddings) -> Path:
     path = embeddings_path(cache_dir, key)
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp"))
+    staging = _new_staging_folder(path)
     try:
         for split in SPLITS:
             np.save(staging / f"{split}.npy", getattr(embeddings, split), allow_pickle=False)
@@ -365,6 +366,36 @@ def embeddings_path(cache_dir: Path, key: str) -> Path:
 def cache_entry_size(path: Path) -> int:
     """Return the total size in bytes of the files in a cache entry's folder."""
     return sum(entry.stat().st_size for entry in Path(path).iterdir() if entry.is_file())
+
+
+def _new_staging_folder(path: Path) -> Path:
+    """Create the temporary folder an entry is written in, after removing those abandoned by killed processes.
+
+    The folder's name carries the host and process ID of its writer. A folder
+    of this host whose process is gone was left by a writer that was killed
+    before it could clean up (SIGKILL, out of memory) and can hold hundreds of
+    megabytes. Folders of other hosts sharing the cache are left alone.
+    """
+    host = socket.gethostname()
+    for folder in path.parent.glob(f".{path.name}.*.tmp"):
+        # The name is ".{key}.{host}-{pid}.{random}.tmp", and host names may contain dots.
+        owner = folder.name.removeprefix(f".{path.name}.").removesuffix(".tmp").rpartition(".")[0]
+        owner_host, _, owner_pid = owner.rpartition("-")
+        if owner_host == host and owner_pid.isdigit() and not _process_exists(int(owner_pid)):
+            logger.info("Removing %s, left by process %s, which no longer runs.", folder, owner_pid)
+            shutil.rmtree(folder, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{host}-{os.getpid()}.", suffix=".tmp"))
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # The process exists but belongs to another user.
+        return True
+    return True
 
 
 def _read_entry(path: Path) -> Embeddings:

@@ -2,6 +2,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -63,6 +67,27 @@ def test_save_embeddings_replaces_existing_file(tmp_path: Path) -> None:
     np.testing.assert_array_equal(loaded.train, newer.train)
     # The replaced entry was deleted, and no temporary folder is left.
     assert [entry.name for entry in (tmp_path / "embeddings").iterdir()] == ["key"]
+
+
+def test_save_removes_abandoned_staging_folders(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    parent = tmp_path / "embeddings"
+    parent.mkdir()
+    host = socket.gethostname()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead_pid = int(finished.stdout)
+    abandoned = parent / f".key.{host}-{dead_pid}.abcd1234.tmp"
+    running = parent / f".key.{host}-{os.getpid()}.efgh5678.tmp"
+    other_host = parent / f".key.other.host.example-{dead_pid}.ijkl9012.tmp"
+    other_key = parent / f".key2.{host}-{dead_pid}.mnop3456.tmp"
+    for folder in (abandoned, running, other_host, other_key):
+        folder.mkdir()
+        (folder / "train.npy").write_bytes(b"partial")
+
+    with caplog.at_level(logging.INFO, logger="models.features"):
+        save_embeddings(tmp_path, "key", _random_embeddings())
+
+    assert sorted(entry.name for entry in parent.iterdir()) == sorted(["key", running.name, other_host.name, other_key.name])
+    assert f"Removing {abandoned}, left by process {dead_pid}, which no longer runs." in caplog.text
 
 
 def test_load_cached_embeddings_missing_returns_none(tmp_path: Path) -> None:
