@@ -97,7 +97,10 @@ def index_image_folder(path: Path, *, role: str = "path") -> ImageFolderIndex:
         files.append(class_files)
         skipped += class_skipped
     if skipped:
-        logger.info("Skipped %d files in %s whose extension is not one of %s.", skipped, path, ", ".join(IMAGE_EXTENSIONS))
+        logger.info(
+            "Skipped %d %s in %s whose extension is not one of %s.",
+            skipped, "file" if skipped == 1 else "files", path, ", ".join(IMAGE_EXTENSIONS),
+        )
     return ImageFolderIndex(root=path, class_names=[folder.name for folder in class_folders], files=files)
 
 
