@@ -17,7 +17,6 @@ import threading
 import time
 
 import pandas as pd
-import pytest
 import requests
 import yaml
 from conftest import REPOSITORY, running_two_node_cluster
@@ -40,10 +39,6 @@ def head_node_id(cluster) -> str:
     return next(node["raylet"]["nodeId"] for node in nodes if node["raylet"].get("isHeadNode"))
 
 
-# NOTE: under heavy load (a whole CI run on two cores) the lost trial was sometimes not
-# logged as retried although the run finished; the cause is not known yet, so a failure
-# here is reported without failing the suite.
-@pytest.mark.xfail(strict=False, reason="retry of a trial on a lost node not always seen under load; cause unknown")
 def test_trial_on_lost_node_finishes_on_head(tmp_path):
     with running_two_node_cluster() as cluster:
         head = head_node_id(cluster)
@@ -56,10 +51,14 @@ def test_trial_on_lost_node_finishes_on_head(tmp_path):
 
         environment = cluster.client_environment()
         environment.update({"RAY_AUTH_MODE": "token", "FROZEN_TUNE_CACHE": str(cluster.folder / "cache")})
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "tuning", "run", str(path), "--address", cluster.gcs_address, "--storage", str(cluster.shared_storage)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, cwd=REPOSITORY, start_new_session=True,
-        )
+        # Standard output goes to a file: only the reader thread below may read the stderr pipe,
+        # or lines such as the retry would be split between two readers.
+        stdout_path = tmp_path / "driver.out"
+        with stdout_path.open("w") as stdout:
+            driver = subprocess.Popen(
+                [sys.executable, "-m", "tuning", "run", str(path), "--address", cluster.gcs_address, "--storage", str(cluster.shared_storage)],
+                stdout=stdout, stderr=subprocess.PIPE, text=True, env=environment, cwd=REPOSITORY, start_new_session=True,
+            )
         lines: list[str] = []
         tuner_started = threading.Event()
 
@@ -84,7 +83,7 @@ def test_trial_on_lost_node_finishes_on_head(tmp_path):
             assert driver.poll() is None, "".join(lines)[-3000:]
             os.killpg(cluster.worker.pid, signal.SIGKILL)
             cluster.worker.wait(timeout=60)
-            output, _ = driver.communicate(timeout=900)
+            driver.wait(timeout=900)
         finally:
             if driver.poll() is None:
                 os.killpg(driver.pid, signal.SIGKILL)
@@ -92,6 +91,7 @@ def test_trial_on_lost_node_finishes_on_head(tmp_path):
         reader.join(timeout=30)
         errors = "".join(lines)
         (tmp_path / "driver.log").write_text(errors)
+        output = stdout_path.read_text()
 
         assert driver.returncode == 0, errors[-4000:]
         retried = RETRY_LINE.search(errors)
