@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,9 +19,13 @@ from typing import Any
 
 from tuning.config import ConfigError, ExperimentConfig
 
+logger = logging.getLogger(__name__)
+
 LOCK_FILE = ".frozen-tune.lock"
 SNAPSHOT_FILE = "experiment.json"
 RESULTS_FILE = "results.csv"
+# Ray Tune's state files in a run folder: trials, search generator and searcher.
+RAY_STATE_PATTERNS = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
 
 # Fields that may differ between an interrupted run and its resumption, because
 # they change neither the trials nor the search.
@@ -57,6 +63,7 @@ def check_run_folder(config: ExperimentConfig, *, resume: bool = False) -> None:
                 f"--resume: the experiment differs from the interrupted one in {run_dir}: {'; '.join(differences)}; "
                 "resume with the same file and options, or start a new run with --name"
             )
+        repair_experiment_state(run_dir)
         return
     if finished:
         raise ConfigError(
@@ -139,6 +146,70 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 def has_experiment_state(run_dir: Path) -> bool:
     """Return whether Ray Tune has saved an experiment state in `run_dir`."""
     return run_dir.is_dir() and any(run_dir.glob("experiment_state-*.json"))
+
+
+def repair_experiment_state(run_dir: Path) -> None:
+    """Replace Ray Tune's state files in `run_dir` from the driver's own copies when a kill cut them short.
+
+    Ray Tune writes its state (trials, searcher) atomically into a staging
+    folder of the Ray session and then copies it into the run folder. A
+    SIGKILL during that copy leaves an empty or cut file there, and Ray Tune,
+    unable to read it, silently starts the experiment again from its first
+    trial. The staging folder survives the kill, so its intact copies replace
+    the whole set.
+
+    Raises:
+        ConfigError: when a state file is damaged and no intact copy is found.
+    """
+    # Ray Tune reads the newest file of each kind; their names end with the session's start time.
+    state_files = [max(matches) for pattern in RAY_STATE_PATTERNS if (matches := list(run_dir.glob(pattern)))]
+    damaged = [path for path in state_files if not _state_file_intact(path)]
+    if not damaged:
+        return
+    staging = _staging_folder_with_intact_copies(run_dir.name, [path.name for path in state_files])
+    if staging is None:
+        raise ConfigError(
+            f"--resume: the saved state in {run_dir} is damaged ({', '.join(path.name for path in damaged)} "
+            "is empty or cut off, probably by a kill during a save) and Ray's local copy of it is gone; "
+            "start a new run with --name (the finished trials' folders stay in place)"
+        )
+    for path in state_files:
+        replacement = path.with_name(f".{path.name}.repair")
+        replacement.write_bytes((staging / path.name).read_bytes())
+        os.replace(replacement, path)
+    logger.warning("restored the damaged %s in %s from Ray's local copy in %s", ", ".join(path.name for path in damaged), run_dir, staging)
+
+
+def _state_file_intact(path: Path) -> bool:
+    """Return whether a state file is whole: JSON that parses, or a pickle from its PROTO to its STOP opcode.
+
+    search_gen_state-*.json is a pickle despite its name.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    if data.startswith(b"\x80"):
+        return data.endswith(b".")
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
+
+
+def _staging_folder_with_intact_copies(experiment_name: str, file_names: list[str]) -> Path | None:
+    """Find the Ray session's staging folder of the experiment that contains intact copies of all `file_names`.
+
+    Ray keeps it in /tmp/ray/session_*/artifacts/*/NAME/driver_artifacts
+    (under $RAY_TMPDIR instead of /tmp when set). The state files' names carry
+    the run's start time, so only the folder of the same run matches.
+    """
+    ray_temp = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray"
+    for folder in sorted(ray_temp.glob(f"session_*/artifacts/*/{experiment_name}/driver_artifacts"), reverse=True):
+        if all((folder / name).is_file() and _state_file_intact(folder / name) for name in file_names):
+            return folder
+    return None
 
 
 def _lock_holder(run_dir: Path) -> str | None:

@@ -14,6 +14,9 @@ import pandas as pd
 import pytest
 from cli_support import run_cli, start_cli, tiny_experiment, write_experiment
 
+from tuning.config import ConfigError
+from tuning.run_folder import repair_experiment_state
+
 # "trial 00003 (0c7f2a1b) finished, 2 of 6 done: val_loss 0.0482 at best epoch ..."
 FINISHED_LINE = re.compile(r"trial (\d{5}) \((\w+)\) finished, \d+ of \d+ done: val_loss (\S+) ")
 
@@ -55,6 +58,10 @@ def test_killed_run_resumes_exactly(tmp_path, cache):
     assert len(finished_before_kill) == 2, "the run ended before two trials finished"
     run_dir = storage / "resume"
     assert not (run_dir / "results.csv").exists()
+    # A kill while Ray copies its state into the run folder leaves an empty file there,
+    # which Ray Tune cannot read; resume must take its intact copy from Ray's staging folder.
+    (search_state,) = run_dir.glob("search_gen_state-*.json")
+    search_state.write_bytes(b"")
 
     without_resume = run_cli(experiment, storage, cache)
     assert without_resume.returncode == 2
@@ -64,6 +71,7 @@ def test_killed_run_resumes_exactly(tmp_path, cache):
     resumed = run_cli(experiment, storage, cache, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming the interrupted run" in resumed.stderr
+    assert f"restored the damaged {search_state.name}" in resumed.stderr
 
     frame = pd.read_csv(run_dir / "results.csv")
     assert len(frame) == 6
@@ -77,6 +85,20 @@ def test_killed_run_resumes_exactly(tmp_path, cache):
     again = run_cli(experiment, storage, cache, "--resume")
     assert again.returncode == 2
     assert "already finished" in again.stderr
+
+
+def test_resume_rejects_damaged_state_without_copy(tmp_path, monkeypatch):
+    run_dir = tmp_path / "runs" / "damaged"
+    run_dir.mkdir(parents=True)
+    (run_dir / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
+    (run_dir / "search_gen_state-2026-01-01_00-00-00.json").write_text('{"cut')
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "no-ray-here"))
+
+    with pytest.raises(ConfigError, match=r"search_gen_state-2026-01-01_00-00-00\.json is empty or cut off") as error:
+        repair_experiment_state(run_dir)
+
+    assert "--name" in str(error.value)
+    assert (run_dir / "search_gen_state-2026-01-01_00-00-00.json").read_text() == '{"cut'
 
 
 def test_resume_rejects_missing_or_changed(tmp_path, cache):
