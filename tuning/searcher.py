@@ -13,7 +13,7 @@ import copy
 import logging
 import math
 import pickle
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from bayes_opt import TargetSpace, acquisition
@@ -23,7 +23,7 @@ from scipy.stats import qmc
 from sklearn.gaussian_process import GaussianProcessRegressor
 from threadpoolctl import threadpool_limits
 
-from tuning.gp import condition_on_pending, fit_gp, transform_targets
+from tuning.gp import fit_gp, local_penalty, mean_gradient_bound, transform_targets
 from tuning.space import SearchSpace
 from tuning.trainable import FAILURE_KEY
 
@@ -49,6 +49,10 @@ REFINE_SCALES = (0.02, 0.005, 0.001)
 GRADIENT_STARTS = 3
 GRADIENT_ITERATIONS = 30
 
+# Points (half uniform, half near the best observations) at which the gradient of the GP
+# mean is measured to bound its Lipschitz constant for the local penalty.
+GRADIENT_PROBES = 200
+
 # Attempts to draw a random configuration that no trial has used before giving up on a
 # small discrete space.
 MAX_RESAMPLES = 200
@@ -61,8 +65,9 @@ class GaussianProcessSearcher(Searcher):
     space, with log-spaced parameters spread evenly over decades. After that,
     a GP with a Matern 5/2 kernel and one length scale per feature is fitted
     to the finished trials, and the acquisition function picks the next point.
-    Trials still running count as observations at the GP's own prediction
-    (a kriging believer), so concurrent trials get different configurations.
+    While trials are running, the acquisition function is multiplied by a
+    local penalty around each of them (González et al., 2016), so concurrent
+    trials get different configurations near the promising region.
     Failed trials and trials whose metric is NaN or infinite are never
     registered. `mode="min"` is handled by negating the metric internally.
 
@@ -353,14 +358,53 @@ class GaussianProcessSearcher(Searcher):
             target_space = self._build_target_space()
             gp = fit_gp(target_space.params, target_space.target, self._kernel_theta, int(self._rng.integers(2**31 - 1)))
             self._kernel_theta = gp.kernel_.theta
-            best_target = float(target_space.target.max())
+            acquisition_function = self._build_acquisition(float(target_space.target.max()))
+            values_of = self._acquisition_values(gp, acquisition_function)
             if self._pending:
-                pending_features = np.array([self._space.to_features(config) for config in self._pending.values()])
-                gp = condition_on_pending(gp, target_space.params, target_space.target, pending_features)
-            acquisition_function = self._build_acquisition(best_target)
-            return self._maximise_acquisition(gp, acquisition_function, used_keys)
+                values_of = self._penalised(values_of, gp)
+            return self._maximise_acquisition(values_of, used_keys)
 
-    def _maximise_acquisition(self, gp: GaussianProcessRegressor, acquisition_function: Any, used_keys: set[tuple]) -> dict[str, Any]:
+    def _acquisition_values(self, gp: GaussianProcessRegressor, acquisition_function: Any) -> Callable[[np.ndarray], np.ndarray]:
+        """Return the acquisition function of GP features."""
+
+        def values(features: np.ndarray) -> np.ndarray:
+            mean, std = gp.predict(features, return_std=True)
+            return acquisition_function.base_acq(mean, np.maximum(std, 1e-9))
+
+        return values
+
+    def _penalised(self, values_of: Callable[[np.ndarray], np.ndarray], gp: GaussianProcessRegressor) -> Callable[[np.ndarray], np.ndarray]:
+        """Multiply the acquisition function by the local penalty of every running trial.
+
+        The penalty radius around a running trial shrinks as the GP predicts it
+        closer to the best value, so near a confident optimum the next trial
+        lands close to the running ones, and elsewhere further away. A kriging
+        believer (running trials registered at the GP's own prediction) did
+        worse in bench/search_quality.py with 4 trials in flight: median regret
+        0.051 on the head-like function after 30 evaluations, against 0.021.
+        """
+        pending_features = np.array([self._space.to_features(config) for config in self._pending.values()])
+        pending_mean, pending_std = gp.predict(pending_features, return_std=True)
+        dimensions = len(self._space.parameters)
+        probe_units = np.vstack([
+            self._rng.random((GRADIENT_PROBES, dimensions)),
+            self._perturb(self._best_units(LOCAL_CENTRES), GRADIENT_PROBES, LOCAL_SCALES),
+        ])
+        gradient_bound = mean_gradient_bound(gp, self._space.features_from_units(probe_units))
+        maximum = max(float(gp.y_train_.max()), float(pending_mean.max()))
+
+        def values(features: np.ndarray) -> np.ndarray:
+            penalty = local_penalty(features, pending_features, pending_mean, pending_std, gradient_bound, maximum)
+            acquisition_values = values_of(features)
+            if self._acquisition_function == "ucb":
+                # The penalty is a factor, so UCB, which can be negative, goes through a
+                # softplus first; that keeps the order of the unpenalised values.
+                acquisition_values = np.logaddexp(0.0, acquisition_values)
+            return acquisition_values * penalty
+
+        return values
+
+    def _maximise_acquisition(self, values_of: Callable[[np.ndarray], np.ndarray], used_keys: set[tuple]) -> dict[str, Any]:
         """Pick the unused configuration with the highest acquisition value among sampled candidates.
 
         Candidates live in the unit cube with one coordinate per parameter, so
@@ -375,10 +419,8 @@ class GaussianProcessSearcher(Searcher):
         scored_units, scored_values = [], []
 
         def score(units: np.ndarray) -> None:
-            features = self._space.features_from_units(units)
-            mean, std = gp.predict(features, return_std=True)
             scored_units.append(units)
-            scored_values.append(acquisition_function.base_acq(mean, np.maximum(std, 1e-9)))
+            scored_values.append(values_of(self._space.features_from_units(units)))
 
         uniform = self._rng.random((RANDOM_CANDIDATES, dimensions))
         centres = self._best_units(LOCAL_CENTRES)
@@ -390,7 +432,7 @@ class GaussianProcessSearcher(Searcher):
         if GRADIENT_STARTS:
             units, values = np.vstack(scored_units), np.concatenate(scored_values)
             for start in units[np.argsort(values)[::-1][:GRADIENT_STARTS]]:
-                score(self._refine_continuous(gp, acquisition_function, start)[None, :])
+                score(self._refine_continuous(values_of, start)[None, :])
 
         units, values = np.vstack(scored_units), np.concatenate(scored_values)
         for index in np.argsort(values)[::-1]:
@@ -399,7 +441,7 @@ class GaussianProcessSearcher(Searcher):
                 return config
         return self._random_unused(used_keys)
 
-    def _refine_continuous(self, gp: GaussianProcessRegressor, acquisition_function: Any, start: np.ndarray) -> np.ndarray:
+    def _refine_continuous(self, values_of: Callable[[np.ndarray], np.ndarray], start: np.ndarray) -> np.ndarray:
         """Climb the acquisition function from `start` along the continuous parameters with L-BFGS-B.
 
         For uniform and loguniform parameters the unit coordinate equals the GP
@@ -413,8 +455,7 @@ class GaussianProcessSearcher(Searcher):
         def negative_acquisition(coordinates: np.ndarray) -> float:
             units = start.copy()
             units[continuous] = coordinates
-            mean, std = gp.predict(self._space.features_from_units(units[None, :]), return_std=True)
-            return -float(acquisition_function.base_acq(mean, np.maximum(std, 1e-9))[0])
+            return -float(values_of(self._space.features_from_units(units[None, :]))[0])
 
         result = optimize.minimize(
             negative_acquisition, start[continuous], bounds=[(0.0, 1.0)] * len(continuous),

@@ -10,6 +10,7 @@ import pytest
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
+from tuning.gp import local_penalty
 from tuning.searcher import GaussianProcessSearcher
 from tuning.space import Parameter, SearchSpace
 
@@ -90,10 +91,55 @@ def test_pending_trials_get_distinct_configs():
 
     assert len(keys) == 4
     assert not keys & observed
-    # Constant liar: the four points are spread out, not clustered around one optimum.
+    # The local penalty keeps the four points apart, not stacked on one optimum.
     features = np.array([searcher.space.to_features(config) for config in pending])
     distances = [np.linalg.norm(a - b) for i, a in enumerate(features) for b in features[i + 1:]]
     assert min(distances) > 0.01
+
+
+def test_pending_suggestions_distinct_in_int_bounds():
+    space = {"units_1": tune.randint(16, 33), "dropout": tune.uniform(0.0, 0.6)}
+    searcher = GaussianProcessSearcher(space, metric="loss", mode="min", initial_points=4, seed=5)
+    drive(searcher, lambda config: ((config["units_1"] - 24) / 8) ** 2 + (config["dropout"] - 0.3) ** 2, 12)
+
+    pending = [searcher.suggest(f"p{index}") for index in range(4)]
+    observed = {(config["units_1"], config["dropout"]) for config, _ in searcher.observations}
+
+    assert len({(config["units_1"], config["dropout"]) for config in pending}) == 4
+    assert not {(config["units_1"], config["dropout"]) for config in pending} & observed
+    for config in pending:
+        assert type(config["units_1"]) is int
+        assert 16 <= config["units_1"] <= 32
+        assert 0.0 <= config["dropout"] <= 0.6
+
+
+def test_local_penalty_values():
+    features = np.array([[0.5, 0.5], [0.5, 0.6], [0.9, 0.9]])
+    pending = np.array([[0.5, 0.5]])
+
+    penalty = local_penalty(features, pending, np.array([0.0]), np.array([0.1]), gradient_bound=10.0, maximum=1.0)
+
+    # At the running trial: P(N(0, 0.1^2) > 1) is about 0.
+    assert penalty[0] < 1e-6
+    # At distance 0.1 the ball of radius (1 - 0) / 10 just reaches the point: 0.5.
+    assert penalty[1] == pytest.approx(0.5)
+    assert penalty[2] == pytest.approx(1.0)
+
+
+def test_penalty_spreads_near_optimum():
+    space = {"x": tune.uniform(0.0, 1.0), "y": tune.uniform(0.0, 1.0)}
+    searcher = GaussianProcessSearcher(space, metric="loss", mode="min", initial_points=5, seed=2)
+    drive(searcher, lambda config: (config["x"] - 0.3) ** 2 + (config["y"] - 0.7) ** 2, 20)
+
+    pending = [searcher.suggest(f"p{index}") for index in range(4)]
+    points = np.array([[config["x"], config["y"]] for config in pending])
+    distances = [np.linalg.norm(a - b) for i, a in enumerate(points) for b in points[i + 1:]]
+
+    # All four stay in the optimum's neighbourhood instead of exploring far corners. The GP is
+    # sure of this optimum, so the penalty radii are small and the points may lie within 1e-3.
+    assert np.max(np.linalg.norm(points - [0.3, 0.7], axis=1)) < 0.25
+    assert min(distances) > 0.0
+    assert len({searcher.space.key(config) for config in pending}) == 4
 
 
 def test_small_discrete_space_never_stops():
