@@ -681,7 +681,9 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None, o
                 if not isinstance(target, dict):
                     raise ConfigError(f"{path}: {part} must be a mapping to override {dotted}")
             target[last] = value
-    return parse_experiment(data, source=str(path), option_names=option_names)
+    # An option that was not given did not set the value, so errors name the file's key alone.
+    given = {dotted: option for dotted, option in (option_names or {}).items() if (overrides or {}).get(dotted) is not None}
+    return parse_experiment(data, source=str(path), option_names=given)
 
 
 def check_storage_writable(config: ExperimentConfig) -> None:

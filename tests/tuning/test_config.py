@@ -103,6 +103,20 @@ def test_override_errors_name_the_option():
     assert "(set by --num-trials)" in str(raised.value)
 
 
+def test_file_errors_name_no_option(tmp_path):
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["search"]["num_trials"] = "thirty"
+    path = tmp_path / "thirty.yaml"
+    path.write_text(yaml.safe_dump(data))
+
+    with pytest.raises(ConfigError) as raised:
+        load_experiment(path, {"search.num_trials": None}, option_names={"search.num_trials": "--num-trials"})
+
+    assert "search.num_trials: Input should be a valid integer" in str(raised.value)
+    assert "(got 'thirty')" in str(raised.value)
+    assert "set by" not in str(raised.value)
+
+
 @pytest.mark.parametrize(
     ("path", "value", "expected"),
     [
