@@ -490,7 +490,13 @@ def _write_outputs(config: ExperimentConfig, data: PreparedData, results: tune.R
     frame = report.results_frame(results, parameter_names, config.search.metric)
     finished = frame[frame["status"] == report.STATUS_COMPLETED]
     if finished.empty:
-        raise ExperimentError(f"all {len(frame)} trials failed; see the errors in {config.run_dir()} and fix the search space")
+        # results.csv still records each trial's reason, so the user can see what to change.
+        with output_folder(config) as run_dir:
+            report.write_csv(frame, run_dir / "results.csv")
+        raise ExperimentError(
+            f"all {len(frame)} trials failed; their reasons are in the error column of {config.run_dir()}/results.csv; "
+            "fix the search space and start a new run with --name"
+        )
 
     best_row = report.best_row(frame, config.search.metric, config.search.mode)
     best_trial_id = str(best_row["trial_id"])

@@ -188,6 +188,23 @@ def test_diverging_trials_fail_with_reason(tmp_path, cache):
     assert re.search(r"trial \d{5} \(\w+\) failed, \d of 5 done: FloatingPointError", completed.stderr)
 
 
+def test_all_failed_run_keeps_reasons(tmp_path, cache):
+    space = {"learning_rate": {"type": "loguniform", "low": 1.0e5, "high": 1.0e6}, "batch_size": {"type": "choice", "values": [64]}}
+    experiment = write_experiment(tmp_path / "allfail.yaml", tiny_experiment(**{
+        "name": "allfail", "head": {"optimizer": "sgd"}, "search.space": space, "search.num_trials": 2,
+    }))
+    completed = run_cli(experiment, tmp_path / "runs", cache)
+
+    assert completed.returncode == 1, completed.stderr[-3000:]
+    assert "all 2 trials failed" in completed.stderr
+    assert "results.csv" in completed.stderr
+    frame = pd.read_csv(tmp_path / "runs" / "allfail" / "results.csv")
+    assert len(frame) == 2
+    assert (frame["status"] == "ERROR").all()
+    assert frame["error"].str.contains("the head diverged").all()
+    assert not (tmp_path / "runs" / "allfail" / "best_model.keras").exists()
+
+
 def test_interrupted_run_writes_no_outputs(tmp_path, cache):
     experiment = write_experiment(tmp_path / "ctrlc.yaml", tiny_experiment(**{"name": "ctrlc", "search.num_trials": 4}))
     storage = tmp_path / "runs"
