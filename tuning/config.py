@@ -682,8 +682,8 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None, o
                     raise ConfigError(f"{path}: {part} must be a mapping to override {dotted}")
             target[last] = value
     # An option that was not given did not set the value, so errors name the file's key alone.
-    given = {dotted: option for dotted, option in (option_names or {}).items() if (overrides or {}).get(dotted) is not None}
-    return parse_experiment(data, source=str(path), option_names=given)
+    given_options = {dotted: option for dotted, option in (option_names or {}).items() if (overrides or {}).get(dotted) is not None}
+    return parse_experiment(data, source=str(path), option_names=given_options)
 
 
 def check_storage_writable(config: ExperimentConfig) -> None:

@@ -40,8 +40,8 @@ def head_node_id(cluster) -> str:
     return next(node["raylet"]["nodeId"] for node in nodes if node["raylet"].get("isHeadNode"))
 
 
-# The head node has one CPU, so the retried trial waits for the other trial to finish
-# first; on a loaded machine the whole test took more than the default 600 s.
+# The head node has one CPU, so the retried trial waits for the other trial to finish first.
+# On a loaded machine the whole test took more than the default 600 s.
 @pytest.mark.timeout(1500)
 def test_trial_on_lost_node_finishes_on_head(tmp_path):
     with running_two_node_cluster() as cluster:

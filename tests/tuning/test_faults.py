@@ -58,8 +58,8 @@ def test_killed_run_resumes_exactly(tmp_path, cache):
     assert len(finished_before_kill) == 2, "the run ended before two trials finished"
     run_dir = storage / "resume"
     assert not (run_dir / "results.csv").exists()
-    # A kill while Ray copies its state into the run folder leaves an empty file there,
-    # which Ray Tune cannot read; resume must take its intact copy from Ray's staging folder.
+    # A kill while Ray copies its state into the run folder leaves an empty file there.
+    # Ray Tune cannot read it, so resume must take the intact copy from Ray's staging folder.
     (search_state,) = run_dir.glob("search_gen_state-*.json")
     search_state.write_bytes(b"")
 
