@@ -414,6 +414,9 @@ class TrainingConfig(_Strict):
     patience: int = Field(5, ge=1)
     # Retries of a trial whose worker or node died, each from its last checkpoint.
     max_failures: int = Field(2, ge=0)
+    # Seconds between checkpoints of a running trial's best weights (0: at every improving
+    # epoch). Every trial also checkpoints its last epoch, and ASHA checkpoints every improvement.
+    checkpoint_seconds: float = Field(10.0, ge=0.0)
 
 
 class SchedulerConfig(_Strict):

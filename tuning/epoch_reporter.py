@@ -16,7 +16,12 @@ from tuning.trainable import HEAD_WEIGHTS_FILE, TRIAL_STATE_FILE, TrialSettings
 
 
 class EpochReporter(keras.callbacks.Callback):
-    """Report every epoch to Ray Tune, checkpoint the best epoch, and stop after `patience` epochs without improvement.
+    """Report every epoch to Ray Tune, checkpoint the best weights, and stop after `patience` epochs without improvement.
+
+    The best weights are kept in memory and written as a checkpoint at most
+    every `settings.checkpoint_interval_seconds`, and always at the trial's
+    last epoch, marked as finished. A trial that loses its worker retrains
+    from its last checkpoint; a finished trial is never trained again.
 
     Raises:
         FloatingPointError: from `on_epoch_end` when the training or validation
@@ -31,9 +36,17 @@ class EpochReporter(keras.callbacks.Callback):
         self.sign = -1.0 if settings.mode == "min" else 1.0
         self.epochs_without_improvement = 0 if best is None else first_epoch - best["best_epoch"]
         self.epoch_started = time.monotonic()
+        self.checkpointed_at = time.monotonic()
+        # A resumed trial starts from the weights of its checkpoint, which are its best ones.
+        self.best_weights: list[Any] | None = None
+        self.checkpointed_best_epoch = None if best is None else best["best_epoch"]
 
     def patience_used_up(self) -> bool:
         return self.epochs_without_improvement >= self.settings.patience
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        if self.best is not None:
+            self.best_weights = self.model.get_weights()
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.progress["epoch"] = epoch + 1
@@ -53,6 +66,7 @@ class EpochReporter(keras.callbacks.Callback):
         improved = self.best is None or self.sign * value > self.sign * self.best[f"best_{self.settings.metric}"]
         if improved:
             self.best = {"best_epoch": epoch, **{f"best_{name}": metric for name, metric in metrics.items()}}
+            self.best_weights = self.model.get_weights()
             self.epochs_without_improvement = 0
         else:
             self.epochs_without_improvement += 1
@@ -61,13 +75,28 @@ class EpochReporter(keras.callbacks.Callback):
             **metrics, **self.best, "epoch": epoch, "epoch_seconds": time.monotonic() - self.epoch_started,
             "startup_seconds": self.startup_seconds, **self.labels, "ended_at": time.time(),
         }
-        if improved:
+        finished = epoch >= self.settings.max_epochs or self.patience_used_up()
+        unsaved = self.best["best_epoch"] != self.checkpointed_best_epoch
+        due = time.monotonic() - self.checkpointed_at >= self.settings.checkpoint_interval_seconds
+        if finished or (unsaved and due):
             with tempfile.TemporaryDirectory() as folder:
-                self.model.save_weights(str(Path(folder) / HEAD_WEIGHTS_FILE))
-                state = {"epoch": epoch, "best": self.best, "hyperparameters": self.hyperparameters}
-                (Path(folder) / TRIAL_STATE_FILE).write_text(json.dumps(state))
+                self._save_best(Path(folder), epoch, finished, current=improved)
                 tune.report(report, checkpoint=tune.Checkpoint.from_directory(folder))
+            self.checkpointed_at = time.monotonic()
+            self.checkpointed_best_epoch = self.best["best_epoch"]
         else:
             tune.report(report)
         if self.patience_used_up():
             self.model.stop_training = True
+
+    def _save_best(self, folder: Path, epoch: int, finished: bool, *, current: bool) -> None:
+        """Write the best weights and the trial state into `folder`; `current` is True when the model has them loaded."""
+        latest_weights = None if current else self.model.get_weights()
+        if latest_weights is not None:
+            self.model.set_weights(self.best_weights)
+        self.model.save_weights(str(folder / HEAD_WEIGHTS_FILE))
+        if latest_weights is not None:
+            self.model.set_weights(latest_weights)
+        state = {"epoch": self.best["best_epoch"], "last_epoch": epoch, "finished": finished,
+                 "best": self.best, "hyperparameters": self.hyperparameters}
+        (folder / TRIAL_STATE_FILE).write_text(json.dumps(state))

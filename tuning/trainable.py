@@ -102,6 +102,9 @@ class TrialSettings:
     cpus_per_trial: float
     gpus_per_trial: float
     seed: int = 0
+    # Seconds between checkpoints of a running trial's best weights; 0 checkpoints every
+    # improving epoch. Each checkpoint costs a file write and a save of the experiment state.
+    checkpoint_interval_seconds: float = 10.0
 
 
 def train_head(config: dict[str, Any], data: EmbeddingData, settings: TrialSettings) -> None:
@@ -162,6 +165,11 @@ def _train(
             head.load_weights(str(Path(folder) / HEAD_WEIGHTS_FILE))
             state = json.loads((Path(folder) / TRIAL_STATE_FILE).read_text())
         first_epoch, best = state["epoch"], state["best"]
+        if state.get("finished"):
+            # The trial had finished before the run was interrupted, after the checkpoint
+            # was saved but before the run's state recorded the trial as done.
+            logger.info("trial had already finished at epoch %d; nothing to train", state.get("last_epoch", first_epoch))
+            return
         # The learning rate decays with the optimizer's step count, so a resumed
         # trial continues the schedule instead of starting it again.
         head.optimizer.iterations.assign(first_epoch * steps_per_epoch)

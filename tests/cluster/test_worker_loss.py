@@ -49,7 +49,8 @@ def test_trial_on_lost_node_finishes_on_head(tmp_path):
         experiment = yaml.safe_load(QUICKSTART.read_text())
         experiment["name"] = "worker-loss"
         experiment["search"].update({"num_trials": 2, "max_concurrent": 2})
-        experiment["training"] = {"max_epochs": EPOCHS, "patience": EPOCHS, "max_failures": 2}
+        # A checkpoint at every improving epoch, so both trials have one long before they finish.
+        experiment["training"] = {"max_epochs": EPOCHS, "patience": EPOCHS, "max_failures": 2, "checkpoint_seconds": 0}
         path = tmp_path / "worker-loss.yaml"
         path.write_text(yaml.safe_dump(experiment))
 

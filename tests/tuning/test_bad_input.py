@@ -60,6 +60,7 @@ CASES: list[tuple[str, Any, list[str], list[str]]] = [
     ("zero_epochs", {"training.max_epochs": 0}, [], ["training.max_epochs", "0"]),
     ("zero_patience", {"training.patience": 0}, [], ["training.patience", "0"]),
     ("negative_retries", {"training.max_failures": -1}, [], ["training.max_failures", "-1"]),
+    ("negative_checkpoint_interval", {"training.checkpoint_seconds": -5}, [], ["training.checkpoint_seconds", "-5"]),
     ("negative_cpus", {"resources.cpus_per_trial": -1}, [], ["resources.cpus_per_trial", "-1"]),
     ("negative_gpus", {"resources.gpus_per_trial": -0.5}, [], ["resources.gpus_per_trial", "-0.5"]),
     ("unknown_scheduler", {"scheduler.name": "hyperband"}, [], ["scheduler.name", "'hyperband'"]),

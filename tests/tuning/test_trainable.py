@@ -11,6 +11,7 @@ from ray import tune
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from models.classifier import build_head
 from tuning.trainable import (
     FAILURE_KEY,
     HEAD_WEIGHTS_FILE,
@@ -75,8 +76,15 @@ def test_trial_reports_stops_and_checkpoints(ray_local, digits_data, tmp_path):
         state = json.loads((Path(folder) / TRIAL_STATE_FILE).read_text())
         assert (Path(folder) / HEAD_WEIGHTS_FILE).is_file()
     assert state["epoch"] == last["best_epoch"]
+    assert state["last_epoch"] == last["epoch"]
+    assert state["finished"] is True
     assert state["hyperparameters"]["units_1"] == 32
     assert state["hyperparameters"]["learning_rate"] == 0.05
+    # The checkpoint contains the best epoch's weights, although two worse epochs followed.
+    head = build_head(digits_data.train.shape[1], 10, digits_data.mean, digits_data.variance, state["hyperparameters"], 1)
+    head.load_weights(str(Path(folder) / HEAD_WEIGHTS_FILE))
+    predicted = head.predict(digits_data.val, verbose=0).argmax(axis=1)
+    assert float(np.mean(predicted == digits_data.y_val)) == pytest.approx(last["best_val_accuracy"], abs=1e-6)
 
 
 def test_diverging_trial_fails_with_reason(ray_local, digits_data, tmp_path):
@@ -109,3 +117,4 @@ def test_statistics_of_memory_map_in_chunks(tmp_path):
     np.testing.assert_allclose(data.mean, values.astype(np.float64).mean(axis=0), rtol=1e-7)
     assert mean.tolist() == [0.0, 0.0, 0.0]
     assert variance.tolist() == [0.0, 0.0, 0.0]
+
