@@ -24,6 +24,10 @@ TRIAL_STATE_FILE = "trial_state.json"
 # has 1,875 steps, and one Python round trip per step dominated the epoch time.
 STEPS_PER_EXECUTION = 32
 
+# Embeddings up to this size (training and validation together) reach fit() as tensors made once
+# per trial (see _fit_inputs). Each worker then has its own copy, so larger ones stay in the object store.
+TENSOR_PIPELINE_MAX_BYTES = 64 * 2**20
+
 # Key of the last report of a trial that failed by itself; its value is the reason.
 FAILURE_KEY = "failure"
 
@@ -183,9 +187,35 @@ def _train(
         # One fit() for all epochs: the data is converted and the training step traced
         # once per trial, and the callback reports each epoch to Ray Tune.
         head.fit(
-            data.train, data.y_train, batch_size=batch_size, initial_epoch=first_epoch, epochs=settings.max_epochs,
-            validation_data=(data.val, data.y_val), shuffle=True, verbose=0, callbacks=[reporter],
+            **_fit_inputs(data, batch_size, _trial_seed(settings.seed, hyperparameters)),
+            initial_epoch=first_epoch, epochs=settings.max_epochs, verbose=0, callbacks=[reporter],
         )
+
+
+def _fit_inputs(data: EmbeddingData, batch_size: int, seed: int) -> dict[str, Any]:
+    """Return the data arguments of `fit()`: tf.data pipelines for small embeddings, numpy arrays otherwise.
+
+    Given numpy arrays, Keras converts them for a new input pipeline at every
+    epoch, which on a few thousand rows costs as much as the epoch's
+    arithmetic. Up to TENSOR_PIPELINE_MAX_BYTES of embeddings, the trial
+    converts them to tensors once, and each epoch shuffles row indices and
+    gathers the rows. The pipelines end after one pass, so every epoch and
+    every validation covers each row exactly once.
+    """
+    if data.train.nbytes + data.val.nbytes > TENSOR_PIPELINE_MAX_BYTES:
+        return {"x": data.train, "y": data.y_train, "batch_size": batch_size, "shuffle": True,
+                "validation_data": (data.val, data.y_val)}
+    import tensorflow as tf
+
+    def batches(features: np.ndarray, labels: np.ndarray, shuffle: bool) -> tf.data.Dataset:
+        features, labels = tf.convert_to_tensor(features), tf.convert_to_tensor(labels)
+        indices = tf.data.Dataset.range(len(labels))
+        if shuffle:
+            indices = indices.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+        return indices.batch(batch_size).map(lambda index: (tf.gather(features, index), tf.gather(labels, index))).prefetch(1)
+
+    # The pipeline shuffles by itself; fit()'s own shuffle applies only to arrays.
+    return {"x": batches(data.train, data.y_train, True), "validation_data": batches(data.val, data.y_val, False), "shuffle": False}
 
 
 def _configure_tensorflow(cpus: float, gpus: float) -> None:

@@ -19,6 +19,7 @@ from tuning.trainable import (
     TRIAL_STATE_FILE,
     EmbeddingData,
     TrialSettings,
+    _fit_inputs,
     feature_statistics,
     train_head,
 )
@@ -118,3 +119,48 @@ def test_statistics_of_memory_map_in_chunks(tmp_path):
     assert mean.tolist() == [0.0, 0.0, 0.0]
     assert variance.tolist() == [0.0, 0.0, 0.0]
 
+
+def test_small_embeddings_pass_rows_once(digits_data):
+    inputs = _fit_inputs(digits_data, batch_size=100, seed=0)
+    first_pass = list(inputs["x"].as_numpy_iterator())
+    second_pass = list(inputs["x"].as_numpy_iterator())
+    validation = list(inputs["validation_data"].as_numpy_iterator())
+    first_labels = np.concatenate([labels for _, labels in first_pass])
+    second_labels = np.concatenate([labels for _, labels in second_pass])
+
+    assert len(first_pass) == 14
+    assert "batch_size" not in inputs
+    # Each pass is the whole training set in a new shuffled order.
+    assert sorted(first_labels) == sorted(digits_data.y_train)
+    assert sorted(second_labels) == sorted(digits_data.y_train)
+    assert not np.array_equal(first_labels, digits_data.y_train)
+    assert not np.array_equal(first_labels, second_labels)
+    # Rows keep their labels, and validation is one pass in order.
+    label_of = {tuple(row): label for row, label in zip(digits_data.train, digits_data.y_train)}
+    features, labels = first_pass[0]
+    assert all(label_of[tuple(row)] == label for row, label in zip(features, labels))
+    assert np.array_equal(np.concatenate([batch for batch, _ in validation]), digits_data.val)
+
+
+def test_small_embeddings_train_whole_epochs(digits_data):
+    # 1,347 rows at batch size 32 are 43 steps, fewer than the 64 of two executions of 32 steps.
+    steps_per_epoch = 43
+    head = build_head(digits_data.train.shape[1], 10, digits_data.mean, digits_data.variance,
+                      {"units_1": 16, "batch_size": 32}, steps_per_epoch, steps_per_execution=32)
+
+    history = head.fit(**_fit_inputs(digits_data, batch_size=32, seed=0), epochs=2, verbose=0)
+
+    assert int(head.optimizer.iterations.numpy()) == 2 * steps_per_epoch
+    predicted = head.predict(digits_data.val, verbose=0).argmax(axis=1)
+    assert history.history["val_accuracy"][-1] == pytest.approx(float(np.mean(predicted == digits_data.y_val)), abs=1e-6)
+
+
+def test_large_embeddings_stay_numpy(digits_data, monkeypatch):
+    monkeypatch.setattr("tuning.trainable.TENSOR_PIPELINE_MAX_BYTES", 1000)
+
+    inputs = _fit_inputs(digits_data, batch_size=100, seed=0)
+
+    assert inputs["x"] is digits_data.train
+    assert inputs["y"] is digits_data.y_train
+    assert inputs["batch_size"] == 100
+    assert inputs["validation_data"][0] is digits_data.val
