@@ -416,7 +416,7 @@ class TrainingConfig(_Strict):
     max_failures: int = Field(2, ge=0)
     # Seconds between checkpoints of a running trial's best weights (0: at every improving
     # epoch). Every trial also checkpoints its last epoch, and ASHA checkpoints every improvement.
-    checkpoint_seconds: float = Field(10.0, ge=0.0)
+    checkpoint_seconds: float = Field(10.0, ge=0.0, allow_inf_nan=False)
 
 
 class SchedulerConfig(_Strict):

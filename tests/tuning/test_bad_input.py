@@ -61,6 +61,7 @@ CASES: list[tuple[str, Any, list[str], list[str]]] = [
     ("zero_patience", {"training.patience": 0}, [], ["training.patience", "0"]),
     ("negative_retries", {"training.max_failures": -1}, [], ["training.max_failures", "-1"]),
     ("negative_checkpoint_interval", {"training.checkpoint_seconds": -5}, [], ["training.checkpoint_seconds", "-5"]),
+    ("infinite_checkpoint_interval", {"training.checkpoint_seconds": float("inf")}, [], ["training.checkpoint_seconds", "inf"]),
     ("negative_cpus", {"resources.cpus_per_trial": -1}, [], ["resources.cpus_per_trial", "-1"]),
     ("negative_gpus", {"resources.gpus_per_trial": -0.5}, [], ["resources.gpus_per_trial", "-0.5"]),
     ("unknown_scheduler", {"scheduler.name": "hyperband"}, [], ["scheduler.name", "'hyperband'"]),
