@@ -53,6 +53,9 @@ GRADIENT_ITERATIONS = 30
 # mean is measured to bound its Lipschitz constant for the local penalty.
 GRADIENT_PROBES = 200
 
+# Exploration margin of probability of improvement when none is given.
+DEFAULT_PI_XI = 0.01
+
 # Attempts to draw a random configuration that no trial has used before giving up on a
 # small discrete space.
 MAX_RESAMPLES = 200
@@ -84,7 +87,10 @@ class GaussianProcessSearcher(Searcher):
             `"ucb"` (upper confidence bound) or `"pi"` (probability of
             improvement).
         xi: Exploration margin of EI and PI in units of the standard
-            deviation of the observed metric. Default 0.01; larger explores more.
+            deviation of the observed metric; larger explores more. None
+            means 0 for EI and 0.01 for PI, which with no margin keeps
+            picking points next to the best one. For EI, bench/BENCHMARKS.md
+            compares 0 with 0.01.
         kappa: Width of the UCB bound in standard deviations. Default 2.576;
             larger explores more.
         seed: Seed of every random choice the searcher makes. None draws one.
@@ -110,7 +116,7 @@ class GaussianProcessSearcher(Searcher):
         *,
         initial_points: int = 5,
         acquisition_function: str = "ei",
-        xi: float = 0.01,
+        xi: float | None = None,
         kappa: float = 2.576,
         seed: int | None = None,
         points_to_evaluate: list[dict[str, Any]] | None = None,
@@ -123,6 +129,8 @@ class GaussianProcessSearcher(Searcher):
             )
         if isinstance(initial_points, bool) or not isinstance(initial_points, int) or initial_points < 0:
             raise ValueError(f"initial_points must be an integer >= 0, got {initial_points!r}")
+        if xi is None:
+            xi = DEFAULT_PI_XI if acquisition_function == "pi" else 0.0
         if xi < 0 or kappa < 0:
             raise ValueError(f"xi and kappa must be >= 0, got xi={xi!r}, kappa={kappa!r}")
         super().__init__(metric=metric, mode=mode)
