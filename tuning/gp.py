@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 from scipy import optimize
-from scipy.stats import norm
+from scipy.special import ndtr
 from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
 from sklearn.preprocessing import PowerTransformer
@@ -115,7 +115,7 @@ def local_penalty(
     penalty = np.ones(len(features))
     for point, mean, std in zip(pending_features, pending_mean, pending_std):
         distance = np.linalg.norm(features - point, axis=1)
-        penalty *= norm.cdf((gradient_bound * distance - maximum + mean) / max(float(std), MIN_PENDING_STD))
+        penalty *= ndtr((gradient_bound * distance - maximum + mean) / max(float(std), MIN_PENDING_STD))
     return penalty
 
 

@@ -48,6 +48,8 @@ REFINE_CANDIDATES = 500
 REFINE_SCALES = (0.02, 0.005, 0.001)
 GRADIENT_STARTS = 3
 GRADIENT_ITERATIONS = 30
+# Step of the central differences that give L-BFGS-B the acquisition gradient, in unit-cube units.
+ACQUISITION_GRADIENT_STEP = 1e-5
 
 # Points (half uniform, half near the best observations) at which the gradient of the GP
 # mean is measured to bound its Lipschitz constant for the local penalty.
@@ -460,13 +462,21 @@ class GaussianProcessSearcher(Searcher):
         if not continuous:
             return start
 
-        def negative_acquisition(coordinates: np.ndarray) -> float:
-            units = start.copy()
-            units[continuous] = coordinates
-            return -float(values_of(self._space.features_from_units(units[None, :]))[0])
+        def negative_acquisition(coordinates: np.ndarray) -> tuple[float, np.ndarray]:
+            # One batch holds the point and a step either way along each coordinate, so
+            # the value and its central-difference gradient cost a single GP prediction.
+            points = np.repeat(start[None, :], 2 * len(continuous) + 1, axis=0)
+            points[:, continuous] = coordinates
+            for position, index in enumerate(continuous):
+                points[1 + 2 * position, index] = min(coordinates[position] + ACQUISITION_GRADIENT_STEP, 1.0)
+                points[2 + 2 * position, index] = max(coordinates[position] - ACQUISITION_GRADIENT_STEP, 0.0)
+            values = values_of(self._space.features_from_units(points))
+            steps = np.diagonal(points[1::2][:, continuous] - points[2::2][:, continuous])
+            gradient = (values[1::2] - values[2::2]) / np.maximum(steps, 1e-12)
+            return -float(values[0]), -gradient
 
         result = optimize.minimize(
-            negative_acquisition, start[continuous], bounds=[(0.0, 1.0)] * len(continuous),
+            negative_acquisition, start[continuous], jac=True, bounds=[(0.0, 1.0)] * len(continuous),
             method="L-BFGS-B", options={"maxiter": GRADIENT_ITERATIONS},
         )
         refined = start.copy()
