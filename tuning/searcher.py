@@ -463,7 +463,7 @@ class GaussianProcessSearcher(Searcher):
             return start
 
         def negative_acquisition(coordinates: np.ndarray) -> tuple[float, np.ndarray]:
-            # One batch holds the point and a step either way along each coordinate, so
+            # One batch contains the point and a step either way along each coordinate, so
             # the value and its central-difference gradient cost a single GP prediction.
             points = np.repeat(start[None, :], 2 * len(continuous) + 1, axis=0)
             points[:, continuous] = coordinates
