@@ -80,7 +80,7 @@ class EpochReporter(keras.callbacks.Callback):
         due = time.monotonic() - self.checkpointed_at >= self.settings.checkpoint_interval_seconds
         if finished or (unsaved and due):
             with tempfile.TemporaryDirectory() as folder:
-                self._save_best(Path(folder), epoch, finished, current=improved)
+                self._save_best(Path(folder), epoch, finished)
                 tune.report(report, checkpoint=tune.Checkpoint.from_directory(folder))
             self.checkpointed_at = time.monotonic()
             self.checkpointed_best_epoch = self.best["best_epoch"]
@@ -89,13 +89,15 @@ class EpochReporter(keras.callbacks.Callback):
         if self.patience_used_up():
             self.model.stop_training = True
 
-    def _save_best(self, folder: Path, epoch: int, finished: bool, *, current: bool) -> None:
-        """Write the best weights and the trial state into `folder`; `current` is True when the model has them loaded."""
-        latest_weights = None if current else self.model.get_weights()
-        if latest_weights is not None:
+    def _save_best(self, folder: Path, epoch: int, finished: bool) -> None:
+        """Write the best weights and the trial state into `folder`."""
+        path = str(folder / HEAD_WEIGHTS_FILE)
+        if self.best["best_epoch"] == epoch:
+            self.model.save_weights(path)
+        else:
+            latest_weights = self.model.get_weights()
             self.model.set_weights(self.best_weights)
-        self.model.save_weights(str(folder / HEAD_WEIGHTS_FILE))
-        if latest_weights is not None:
+            self.model.save_weights(path)
             self.model.set_weights(latest_weights)
         state = {"epoch": self.best["best_epoch"], "last_epoch": epoch, "finished": finished,
                  "best": self.best, "hyperparameters": self.hyperparameters}

@@ -467,12 +467,14 @@ class GaussianProcessSearcher(Searcher):
             # the value and its central-difference gradient cost a single GP prediction.
             points = np.repeat(start[None, :], 2 * len(continuous) + 1, axis=0)
             points[:, continuous] = coordinates
-            for position, index in enumerate(continuous):
-                points[1 + 2 * position, index] = min(coordinates[position] + ACQUISITION_GRADIENT_STEP, 1.0)
-                points[2 + 2 * position, index] = max(coordinates[position] - ACQUISITION_GRADIENT_STEP, 0.0)
+            # Both steps stay in [0, 1], and together they span at least one step.
+            upper = np.minimum(coordinates + ACQUISITION_GRADIENT_STEP, 1.0)
+            lower = np.maximum(coordinates - ACQUISITION_GRADIENT_STEP, 0.0)
+            positions = np.arange(len(continuous))
+            points[1 + 2 * positions, continuous] = upper
+            points[2 + 2 * positions, continuous] = lower
             values = values_of(self._space.features_from_units(points))
-            steps = np.diagonal(points[1::2][:, continuous] - points[2::2][:, continuous])
-            gradient = (values[1::2] - values[2::2]) / np.maximum(steps, 1e-12)
+            gradient = (values[1::2] - values[2::2]) / (upper - lower)
             return -float(values[0]), -gradient
 
         result = optimize.minimize(

@@ -156,7 +156,8 @@ def _train(
     hyperparameters = {name: value for name, value in hyperparameters.items() if name in HEAD_DEFAULTS}
     batch_size = int(hyperparameters["batch_size"])
     steps_per_epoch = max(1, math.ceil(len(data.train) / batch_size))
-    keras.utils.set_random_seed(_trial_seed(settings.seed, hyperparameters))
+    seed = _trial_seed(settings.seed, hyperparameters)
+    keras.utils.set_random_seed(seed)
     head = build_head(
         data.train.shape[1], data.num_classes, data.mean, data.variance, hyperparameters, steps_per_epoch,
         steps_per_execution=min(STEPS_PER_EXECUTION, steps_per_epoch),
@@ -187,7 +188,7 @@ def _train(
         # One fit() for all epochs: the data is converted and the training step traced
         # once per trial, and the callback reports each epoch to Ray Tune.
         head.fit(
-            **_fit_inputs(data, batch_size, _trial_seed(settings.seed, hyperparameters)),
+            **_fit_inputs(data, batch_size, seed),
             initial_epoch=first_epoch, epochs=settings.max_epochs, verbose=0, callbacks=[reporter],
         )
 
