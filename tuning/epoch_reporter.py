@@ -37,7 +37,6 @@ class EpochReporter(keras.callbacks.Callback):
         self.epochs_without_improvement = 0 if best is None else first_epoch - best["best_epoch"]
         self.epoch_started = time.monotonic()
         self.checkpointed_at = time.monotonic()
-        # A resumed trial starts from the weights of its checkpoint, which are its best ones.
         self.best_weights: list[Any] | None = None
         self.checkpointed_best_epoch = None if best is None else best["best_epoch"]
 
@@ -45,6 +44,7 @@ class EpochReporter(keras.callbacks.Callback):
         return self.epochs_without_improvement >= self.settings.patience
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        # A resumed trial starts from the weights of its checkpoint, which are its best ones.
         if self.best is not None:
             self.best_weights = self.model.get_weights()
 

@@ -90,8 +90,8 @@ class GaussianProcessSearcher(Searcher):
             improvement).
         xi: Exploration margin of EI and PI in units of the standard
             deviation of the observed metric; larger explores more. None
-            means 0 for EI and 0.01 for PI, which with no margin keeps
-            picking points next to the best one. For EI, bench/BENCHMARKS.md
+            means 0 for EI and 0.01 for PI, which without a margin tends
+            to pick points next to the best one. For EI, bench/BENCHMARKS.md
             compares 0 with 0.01.
         kappa: Width of the UCB bound in standard deviations. Default 2.576;
             larger explores more.
