@@ -19,6 +19,7 @@ from tuning.trainable import (
     TRIAL_STATE_FILE,
     EmbeddingData,
     TrialSettings,
+    _configure_tensorflow,
     _fit_inputs,
     feature_statistics,
     train_head,
@@ -100,6 +101,17 @@ def test_diverging_trial_fails_with_reason(ray_local, digits_data, tmp_path):
     assert "diverged" in last[FAILURE_KEY]
     assert np.isnan(last["val_loss"])
     assert "best_val_loss" not in last
+
+
+def test_trial_turns_grappler_off():
+    import tensorflow as tf
+
+    before = tf.config.optimizer.get_experimental_options()
+    try:
+        _configure_tensorflow(1, 0)
+        assert tf.config.optimizer.get_experimental_options()["disable_meta_optimizer"] is True
+    finally:
+        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": before.get("disable_meta_optimizer", False)})
 
 
 def test_statistics_of_memory_map_in_chunks(tmp_path):
