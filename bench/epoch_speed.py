@@ -4,6 +4,8 @@ The head is built and compiled exactly as a trial builds it
 (`models.classifier.build_head` with the trainable's steps per execution):
 1,280-float embeddings, units 512/256/128, 10 classes, 60,000 training and
 10,000 validation rows of random data (speed does not depend on the values).
+TensorFlow is configured as for a trial given all of this machine's CPUs
+(thread pools, Grappler off).
 For each batch size the second epoch is timed, so tracing is left out.
 
 The limit is the epoch's FLOPs divided by the FLOP/s of one large float32
@@ -88,6 +90,9 @@ def main() -> None:
     parser.add_argument("--output", default=str(REPOSITORY / "bench" / "epoch_speed.json"), help="JSON file for the results.")
     arguments = parser.parse_args()
 
+    from tuning.trainable import _configure_tensorflow
+
+    _configure_tensorflow(os.cpu_count() or 1, 0)
     rate_before = matmul_flops_per_second()
     rows = [time_epoch(int(size)) for size in arguments.batch_sizes.split(",")]
     rate = max(rate_before, matmul_flops_per_second())
