@@ -228,9 +228,8 @@ def _configure_tensorflow(cpus: float, gpus: float) -> None:
     threads = max(1, int(math.ceil(cpus)))
     import tensorflow as tf
 
-    # Grappler rewrites each new function graph when it first runs, and every trial traces
-    # new ones. On heads of dense layers its rewrites did not pay for themselves: without
-    # them a quickstart trial's fit() took 0.1-0.35 s less and full-size epochs were no slower.
+    # Grappler rewrites each new function graph on its first run, and every trial traces new
+    # ones. On dense heads that cost more than it saved (see bench/BENCHMARKS.md).
     tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)

@@ -106,12 +106,12 @@ def test_diverging_trial_fails_with_reason(ray_local, digits_data, tmp_path):
 def test_trial_turns_grappler_off():
     import tensorflow as tf
 
-    before = tf.config.optimizer.get_experimental_options()
+    previous_options = tf.config.optimizer.get_experimental_options()
     try:
         _configure_tensorflow(1, 0)
         assert tf.config.optimizer.get_experimental_options()["disable_meta_optimizer"] is True
     finally:
-        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": before.get("disable_meta_optimizer", False)})
+        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": previous_options.get("disable_meta_optimizer", False)})
 
 
 def test_statistics_of_memory_map_in_chunks(tmp_path):
