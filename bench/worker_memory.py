@@ -2,7 +2,8 @@
 
 A reused Ray Tune worker runs trial after trial in one process. This script
 does the same in one process, without Ray. For each trial it clears the Keras
-session, then builds and compiles a head as `tuning.trainable` does. It fits
+session, then builds and compiles a head with the trainable's own
+`build_trial_head`. It fits
 the head on quickstart-sized random embeddings (716 training and 180
 validation rows of 128 floats, 5 classes) through the trainable's own input
 pipelines. After each
@@ -49,8 +50,7 @@ def main() -> None:
     import keras
     from tensorflow.python.eager import context
 
-    from models.classifier import build_head
-    from tuning.trainable import STEPS_PER_EXECUTION, EmbeddingData, _configure_tensorflow, _fit_inputs
+    from tuning.trainable import EmbeddingData, _configure_tensorflow, _fit_inputs, build_trial_head
 
     _configure_tensorflow(1, 0)
     rng = np.random.default_rng(0)
@@ -63,8 +63,7 @@ def main() -> None:
     for trial in range(arguments.trials):
         keras.backend.clear_session()
         hyperparameters = {"units_1": 400 + trial, "units_2": 250, "units_3": 120, "batch_size": BATCH_SIZE}
-        head = build_head(EMBEDDING, CLASSES, data.mean, data.variance, hyperparameters, steps,
-                          steps_per_execution=min(STEPS_PER_EXECUTION, steps))
+        head = build_trial_head(data, hyperparameters, steps)
         head.fit(**_fit_inputs(data, BATCH_SIZE, trial), epochs=arguments.epochs, verbose=0)
         del head
         row = {"trial": trial + 1, "resident_mb": round(resident_megabytes(), 1),

@@ -21,6 +21,7 @@ from tuning.trainable import (
     TrialSettings,
     _configure_tensorflow,
     _fit_inputs,
+    build_trial_head,
     feature_statistics,
     train_head,
 )
@@ -112,6 +113,15 @@ def test_trial_turns_grappler_off():
         assert tf.config.optimizer.get_experimental_options()["disable_meta_optimizer"] is True
     finally:
         tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": previous_options.get("disable_meta_optimizer", False)})
+
+
+def test_trial_head_optimizer_built_before_fit(digits_data):
+    head = build_trial_head(digits_data, {"units_1": 32, "units_2": 16, "optimizer": "adam"}, steps_per_epoch=10)
+
+    # Adam's step counter, and a first and a second moment for each trainable variable.
+    assert head.optimizer.built
+    assert len(head.trainable_variables) == 6
+    assert len(head.optimizer.variables) == 1 + 2 * 6
 
 
 def test_statistics_of_memory_map_in_chunks(tmp_path):
