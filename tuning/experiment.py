@@ -543,8 +543,8 @@ def _export_best_model(config: ExperimentConfig, data: PreparedData, best_result
         raise ExperimentError(f"the best trial {best_result.metrics.get('trial_id')} kept no checkpoint; nothing to export")
     steps_per_epoch = max(1, math.ceil(data.train_size / int(hyperparameters["batch_size"])))
     head = build_head(data.embedding_size, data.num_classes, data.mean, data.variance, hyperparameters, steps_per_epoch)
-    # The checkpoint holds the optimizer's variables too. With them created here it loads
-    # whole, instead of Keras warning that it skips them; the exported file has no optimizer.
+    # The checkpoint contains the optimizer's variables too. Creating them here lets it load
+    # whole, without Keras' warning that it skips them. The exported file has no optimizer.
     head.optimizer.build(head.trainable_variables)
     with checkpoint.as_directory() as folder:
         head.load_weights(str(Path(folder) / HEAD_WEIGHTS_FILE))
