@@ -84,7 +84,7 @@ def test_trial_reports_stops_and_checkpoints(ray_local, digits_data, tmp_path):
     assert state["hyperparameters"]["units_1"] == 32
     assert state["hyperparameters"]["learning_rate"] == 0.05
     # The checkpoint contains the best epoch's weights, although two worse epochs followed.
-    head = build_head(digits_data.train.shape[1], 10, digits_data.mean, digits_data.variance, state["hyperparameters"], 1)
+    head = build_trial_head(digits_data, state["hyperparameters"], 1)
     head.load_weights(str(Path(folder) / HEAD_WEIGHTS_FILE))
     predicted = head.predict(digits_data.val, verbose=0).argmax(axis=1)
     assert float(np.mean(predicted == digits_data.y_val)) == pytest.approx(last["best_val_accuracy"], abs=1e-6)
