@@ -3,13 +3,12 @@
 A reused Ray Tune worker runs trial after trial in one process. This script
 does the same in one process, without Ray. For each trial it clears the Keras
 session, then builds and compiles a head with the trainable's own
-`build_trial_head`. It fits
-the head on quickstart-sized random embeddings (716 training and 180
-validation rows of 128 floats, 5 classes) through the trainable's own input
-pipelines. After each
-trial it records the resident memory (VmRSS) and the number of functions
-registered in TensorFlow's eager context. The growth per trial is the slope
-after the first trials, whose allocations are one-off.
+`build_trial_head`. It fits the head on quickstart-sized random embeddings
+(716 training and 180 validation rows of 128 floats, 5 classes) through the
+trainable's own input pipelines. After each trial it records the resident
+memory (VmRSS) and the number of functions registered in TensorFlow's eager
+context. The growth per trial is the slope after the first trials, whose
+allocations are one-off.
 
     python bench/worker_memory.py [--trials 25] [--epochs 2] [--output bench/worker_memory.json]
 """

@@ -192,9 +192,10 @@ def _train(
 def build_trial_head(data: EmbeddingData, hyperparameters: dict[str, Any], steps_per_epoch: int) -> Any:
     """Build and compile a trial's head, with its optimizer's variables already created.
 
-    Keras otherwise creates them while it traces the first training step,
-    inside conditionals: tracing took about 0.15 s longer, and TensorFlow kept
-    the 32 functions of those conditionals after the trial (bench/worker_memory.py).
+    Keras otherwise creates them inside conditionals while it traces the first
+    training step. On a quickstart head that tracing took about 0.15 s longer,
+    and TensorFlow kept the conditionals' functions after the trial, 32 for a
+    head of three hidden layers (bench/worker_memory.py).
     """
     from models.classifier import build_head
 
