@@ -190,12 +190,14 @@ def _train(
 
 
 def build_trial_head(data: EmbeddingData, hyperparameters: dict[str, Any], steps_per_epoch: int) -> Any:
-    """Build and compile a trial's head, with its optimizer's variables already created.
+    """Build and compile a trial's head, with the variables of its optimizer and accuracy metric already created.
 
-    Keras otherwise creates them inside conditionals while it traces the first
-    training step. On a quickstart head that tracing took about 0.15 s longer,
-    and TensorFlow kept the conditionals' functions after the trial, 32 for a
-    head of three hidden layers (bench/worker_memory.py).
+    Keras otherwise creates the optimizer's variables inside conditionals while
+    it traces the first training step. On a quickstart head that tracing took
+    about 0.15 s longer, and TensorFlow kept the conditionals' functions after
+    the trial, 32 for a head of three hidden layers (bench/worker_memory.py).
+    The accuracy metric's variables, created during that trace too, made
+    TensorFlow trace the whole training step a second time.
     """
     from models.classifier import build_head
 
@@ -204,6 +206,10 @@ def build_trial_head(data: EmbeddingData, hyperparameters: dict[str, Any], steps
         steps_per_execution=min(STEPS_PER_EXECUTION, steps_per_epoch),
     )
     head.optimizer.build(head.trainable_variables)
+    # One eager metric update on a placeholder row creates the metric's variables;
+    # fit() resets the metrics before each epoch, and reset_metrics() clears it here already.
+    head.compute_metrics(None, np.zeros(1, np.int64), np.full((1, data.num_classes), 1.0 / data.num_classes, np.float32))
+    head.reset_metrics()
     return head
 
 
