@@ -206,8 +206,8 @@ def build_trial_head(data: EmbeddingData, hyperparameters: dict[str, Any], steps
         steps_per_execution=min(STEPS_PER_EXECUTION, steps_per_epoch),
     )
     head.optimizer.build(head.trainable_variables)
-    # One eager metric update on a placeholder row creates the metric's variables;
-    # fit() resets the metrics before each epoch, and reset_metrics() clears it here already.
+    # One eager metric update on a placeholder row creates the metric's variables.
+    # reset_metrics() then clears the placeholder's count, as fit() does before each epoch.
     head.compute_metrics(None, np.zeros(1, np.int64), np.full((1, data.num_classes), 1.0 / data.num_classes, np.float32))
     head.reset_metrics()
     return head
