@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -143,6 +144,29 @@ def test_trial_head_fit_creates_no_variables(digits_data):
     assert created == []
     assert len(history.history["accuracy"]) == 2
     assert 0.0 < history.history["accuracy"][0] < history.history["accuracy"][1] <= 1.0
+
+
+def test_trial_graph_freed_after_trial(digits_data):
+    import keras
+    from tensorflow.python.framework.func_graph import FuncGraph
+
+    def training_graphs() -> int:
+        gc.collect()
+        # type() rather than isinstance(): isinstance() reads __class__, which warns on some of torch's module attributes.
+        return sum(1 for item in gc.get_objects() if type(item) is FuncGraph and item.name == "one_step_on_data")
+
+    before = training_graphs()
+    for units in (32, 33):
+        keras.backend.clear_session()
+        head = build_trial_head(digits_data, {"units_1": units, "units_2": 16, "batch_size": 64}, steps_per_epoch=22)
+        head.fit(**_fit_inputs(digits_data, batch_size=64, seed=0), epochs=1, verbose=0)
+        # The live head's training and validation steps are counted.
+        assert training_graphs() > before
+        del head
+    keras.backend.clear_session()
+
+    # A reused worker runs trial after trial, so nothing of a finished trial's graph may stay alive.
+    assert training_graphs() == before
 
 
 def test_statistics_of_memory_map_in_chunks(tmp_path):
