@@ -27,7 +27,6 @@ from models.backbone_specs import SMALL_CNN, BackboneError
 from tuning.config import ConfigError, ExperimentConfig, check_storage_writable, load_warm_start
 from tuning.evaluation import score_on_test
 from tuning.run_folder import check_run_folder, hold_run_folder, write_snapshot
-from tuning.searcher import GaussianProcessSearcher
 from tuning.space import Parameter, SearchSpace
 from tuning.storage import check_storage_shared, output_folder
 from tuning.trainable import FAILURE_KEY, HEAD_WEIGHTS_FILE, EmbeddingData, TrialSettings, train_head
@@ -44,13 +43,6 @@ MAX_TRIAL_DIRNAME = 180
 # TensorFlow's C++ start-up lines (oneDNN notes, a failed CUDA probe on CPU-only machines) and
 # Ray Tune's per-checkpoint notices would bury the progress lines.
 QUIET_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "3", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
-
-
-def configure_worker_logging() -> None:
-    """Log this project's INFO lines from Ray workers and only warnings from Ray and TensorFlow."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("ray", "tensorflow", "absl", "h5py"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class ExperimentError(RuntimeError):
@@ -203,7 +195,7 @@ def start_ray(address: str | None, *, dashboard: bool = False) -> bool:
         return False
     for variable, value in QUIET_ENVIRONMENT.items():
         os.environ.setdefault(variable, value)
-    runtime_env = {"env_vars": QUIET_ENVIRONMENT, "worker_process_setup_hook": "tuning.experiment.configure_worker_logging"}
+    runtime_env = {"env_vars": QUIET_ENVIRONMENT, "worker_process_setup_hook": "tuning.worker_setup.configure_worker_logging"}
     if address is None:
         ray.init(
             address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
@@ -356,6 +348,9 @@ def _run_tuner(config: ExperimentConfig, embeddings: Any, *, resume: bool) -> tu
         except (RuntimeError, ValueError, FileNotFoundError) as error:
             raise ExperimentError(f"cannot resume the experiment in {config.run_dir()}: {error}") from None
         return tuner.fit()
+
+    # Imported here because the feature task's worker imports this module too and needs no searcher.
+    from tuning.searcher import GaussianProcessSearcher
 
     searcher = GaussianProcessSearcher(
         space, metric=search.metric, mode=search.mode, initial_points=search.initial_points,
