@@ -237,23 +237,42 @@ def _fit_inputs(data: EmbeddingData, batch_size: int, seed: int) -> dict[str, An
     epoch, which on a few thousand rows costs as much as the epoch's
     arithmetic. Up to TENSOR_PIPELINE_MAX_BYTES of embeddings, the trial
     converts them to tensors once, and each epoch shuffles row indices and
-    gathers the rows. The pipelines end after one pass, so every epoch and
-    every validation covers each row exactly once.
+    gathers the rows. Every epoch and every validation covers each row
+    exactly once.
+
+    When a whole epoch fits in one call into TensorFlow (at most
+    STEPS_PER_EXECUTION steps, as `build_trial_head` sets it), the training
+    pipeline repeats its passes and `steps_per_epoch` ends each epoch after
+    one pass. Keras then keeps one iterator for all epochs instead of
+    creating one per epoch, which took about a quarter of a quickstart
+    epoch. Longer epochs, whose last call could run into the next pass,
+    end with the pipeline instead.
     """
     if data.train.nbytes + data.val.nbytes > TENSOR_PIPELINE_MAX_BYTES:
         return {"x": data.train, "y": data.y_train, "batch_size": batch_size, "shuffle": True,
                 "validation_data": (data.val, data.y_val)}
     import tensorflow as tf
 
-    def batches(features: np.ndarray, labels: np.ndarray, shuffle: bool) -> tf.data.Dataset:
+    def batches(features: np.ndarray, labels: np.ndarray, shuffle: bool, repeat: bool) -> tf.data.Dataset:
         features, labels = tf.convert_to_tensor(features), tf.convert_to_tensor(labels)
         indices = tf.data.Dataset.range(len(labels))
         if shuffle:
             indices = indices.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-        return indices.batch(batch_size).map(lambda index: (tf.gather(features, index), tf.gather(labels, index))).prefetch(1)
+        indices = indices.batch(batch_size)
+        if repeat:
+            indices = indices.repeat()
+        return indices.map(lambda index: (tf.gather(features, index), tf.gather(labels, index))).prefetch(1)
 
+    steps_per_epoch = math.ceil(len(data.y_train) / batch_size)
+    one_call_per_epoch = steps_per_epoch <= STEPS_PER_EXECUTION
     # The pipeline shuffles by itself; fit()'s own shuffle applies only to arrays.
-    return {"x": batches(data.train, data.y_train, True), "validation_data": batches(data.val, data.y_val, False), "shuffle": False}
+    inputs = {
+        "x": batches(data.train, data.y_train, shuffle=True, repeat=one_call_per_epoch),
+        "validation_data": batches(data.val, data.y_val, shuffle=False, repeat=False), "shuffle": False,
+    }
+    if one_call_per_epoch:
+        inputs["steps_per_epoch"] = steps_per_epoch
+    return inputs
 
 
 def _configure_tensorflow(cpus: float, gpus: float) -> None:

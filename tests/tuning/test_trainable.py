@@ -139,6 +139,9 @@ def test_trial_head_fit_creates_no_variables(digits_data):
     with tf.variable_creator_scope(record):
         history = head.fit(**_fit_inputs(digits_data, batch_size=64, seed=0), epochs=2, verbose=0)
 
+    # 1,347 rows at batch size 64 are 22 steps per epoch, one pass of the repeated pipeline.
+    assert int(head.optimizer.iterations.numpy()) == 2 * 22
+
     # A variable created while the training step is traced makes TensorFlow trace the step
     # again. The placeholder metric update of build_trial_head must not reach the accuracy.
     assert created == []
@@ -189,13 +192,16 @@ def test_statistics_of_memory_map_in_chunks(tmp_path):
 
 def test_small_embeddings_pass_rows_once(digits_data):
     inputs = _fit_inputs(digits_data, batch_size=100, seed=0)
-    first_pass = list(inputs["x"].as_numpy_iterator())
-    second_pass = list(inputs["x"].as_numpy_iterator())
+    # 1,347 rows at batch size 100 are 14 steps, one call into TensorFlow per epoch, so the
+    # pipeline repeats its passes and steps_per_epoch cuts it into epochs.
+    passes = list(inputs["x"].take(2 * 14).as_numpy_iterator())
+    first_pass, second_pass = passes[:14], passes[14:]
     validation = list(inputs["validation_data"].as_numpy_iterator())
     first_labels = np.concatenate([labels for _, labels in first_pass])
     second_labels = np.concatenate([labels for _, labels in second_pass])
 
-    assert len(first_pass) == 14
+    assert inputs["steps_per_epoch"] == 14
+    assert len(first_pass[-1][1]) == 47
     assert "batch_size" not in inputs
     # Each pass is the whole training set in a new shuffled order.
     assert sorted(first_labels) == sorted(digits_data.y_train)
@@ -214,9 +220,12 @@ def test_small_embeddings_train_whole_epochs(digits_data):
     steps_per_epoch = 43
     head = build_head(digits_data.train.shape[1], 10, digits_data.mean, digits_data.variance,
                       {"units_1": 16, "batch_size": 32}, steps_per_epoch, steps_per_execution=32)
+    inputs = _fit_inputs(digits_data, batch_size=32, seed=0)
 
-    history = head.fit(**_fit_inputs(digits_data, batch_size=32, seed=0), epochs=2, verbose=0)
+    history = head.fit(**inputs, epochs=2, verbose=0)
 
+    # The pipeline ends each pass itself, because a repeated one would run on into the next.
+    assert "steps_per_epoch" not in inputs
     assert int(head.optimizer.iterations.numpy()) == 2 * steps_per_epoch
     predicted = head.predict(digits_data.val, verbose=0).argmax(axis=1)
     assert history.history["val_accuracy"][-1] == pytest.approx(float(np.mean(predicted == digits_data.y_val)), abs=1e-6)
