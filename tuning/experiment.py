@@ -492,12 +492,13 @@ class ExportPreloader(tune.Callback):
         self._start_when_last(trials, ending=trial)
 
     def _start_when_last(self, trials: list, ending: Any) -> None:
-        running = [trial for trial in trials if trial is not ending and trial.status not in (Trial.TERMINATED, Trial.ERROR)]
-        if len(trials) >= self._num_trials and len(running) <= 1:
+        unfinished = len(trials) - _count_done(trials, ending)
+        if len(trials) >= self._num_trials and unfinished <= 1:
             start_export_imports()
 
 
-# The thread that imports the export's modules, started at most once per process.
+# The thread that imports the export's modules. Ray Tune calls the callbacks from the
+# driver's one control loop, so the check in start_export_imports starts it once per process.
 _export_imports: threading.Thread | None = None
 
 

@@ -39,7 +39,7 @@ def test_waits_while_two_trials_run(starts):
     assert starts == []
 
 
-def test_starts_when_one_of_two_last_trials_finishes(starts):
+def test_starts_when_second_last_finishes(starts):
     trials = trials_with(Trial.TERMINATED, Trial.TERMINATED, Trial.RUNNING, Trial.RUNNING)
     # Ray Tune changes the ending trial's status after the callback, so it still reads RUNNING here.
     ExportPreloader(num_trials=4).on_trial_complete(0, trials, trials[2])
