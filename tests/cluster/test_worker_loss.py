@@ -24,9 +24,8 @@ from conftest import REPOSITORY, running_two_node_cluster
 
 QUICKSTART = REPOSITORY / "examples" / "quickstart.yaml"
 
-# Seconds between the first checkpoints of both trials and the kill, far short of the trials'
-# end: EPOCHS epochs each, no early stop, and an epoch with its checkpoint takes 0.05-0.15 s
-# on two cores, so a trial trains for 20 s or more.
+# Seconds between both trials' first checkpoints and the kill. With no early stop, a trial trains
+# EPOCHS epochs, about 30 s on two cores (an estimate from one run), so the kill comes mid-trial.
 KILL_AFTER_SECONDS = 0.5
 EPOCHS = 400
 RETRY_LINE = re.compile(r"trial (\d{5}) \((\w+)\) lost its worker .*retrying it from its last checkpoint")
