@@ -63,7 +63,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--functions", nargs="+", default=list(FUNCTIONS), choices=list(FUNCTIONS),
                         help="Test functions to minimise (default: all).")
     parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
-                        help=f"Number of seeds per method and function, 0 to N-1 (default {DEFAULT_SEEDS}).")
+                        help=f"Number of seeds per method and function (default {DEFAULT_SEEDS}).")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="First seed, so the cells use seeds FIRST_SEED to FIRST_SEED + SEEDS - 1 (default 0).")
     parser.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
                         help=f"Evaluations per cell (default {DEFAULT_BUDGET}).")
     parser.add_argument("--output", type=Path, default=BENCH / "search_quality.json",
@@ -75,6 +77,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     arguments = parser.parse_args(argv)
     if arguments.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {arguments.seeds}")
+    if arguments.first_seed < 0:
+        parser.error(f"--first-seed must be 0 or more, got {arguments.first_seed}")
     if arguments.budget < 1:
         parser.error(f"--budget must be at least 1, got {arguments.budget}")
     if arguments.jobs < 1:
@@ -155,10 +159,10 @@ def main(argv: list[str] | None = None) -> None:
     arguments = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     limit_threads()
-    seeds = list(range(arguments.seeds))
+    seeds = list(range(arguments.first_seed, arguments.first_seed + arguments.seeds))
     methods = [method for method in ALL_METHODS if method in arguments.methods]
-    logger.info("search quality benchmark: methods %s, functions %s, seeds 0-%d, budget %d, %d jobs",
-                ", ".join(methods), ", ".join(arguments.functions), seeds[-1], arguments.budget, arguments.jobs)
+    logger.info("search quality benchmark: methods %s, functions %s, seeds %d-%d, budget %d, %d jobs",
+                ", ".join(methods), ", ".join(arguments.functions), seeds[0], seeds[-1], arguments.budget, arguments.jobs)
 
     digests = source_digests(REPOSITORY)
     load_at_start = list(os.getloadavg())
