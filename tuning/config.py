@@ -701,6 +701,12 @@ def check_storage_writable(config: ExperimentConfig) -> None:
     if config.is_remote_storage:
         return
     folder = Path(config.storage_path())
+    blocker = next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(
+            f"storage: {config.storage!r} is not a folder because {str(blocker)!r} is a file; "
+            "pass --storage with a folder you can write to"
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".frozen-tune-probe-"):

@@ -199,17 +199,21 @@ def test_cli_exits_2_and_writes_nothing(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-def test_cli_rejects_unwritable_storage(tmp_path):
+@pytest.mark.parametrize("below", ["", "runs"])
+def test_cli_rejects_file_as_storage(tmp_path, below):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
+    storage = blocker / below if below else blocker
 
     completed = subprocess.run(
-        [sys.executable, "-m", "tuning", "run", str(QUICKSTART), "--storage", str(blocker / "runs")],
+        [sys.executable, "-m", "tuning", "run", str(QUICKSTART), "--storage", str(storage)],
         capture_output=True, text=True, timeout=60,
     )
 
     assert completed.returncode == 2
-    assert "not writable" in completed.stderr
+    assert f"storage: '{storage}' is not a folder because '{blocker}' is a file" in completed.stderr
+    assert "pass --storage with a folder you can write to" in completed.stderr
+    assert blocker.read_text() == "not a folder"
 
 
 def test_cli_rejects_storage_under_proc(tmp_path):
