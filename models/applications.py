@@ -20,7 +20,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from models.backbone_common import Backbone, build_input_conversion, file_digest, hash_description, weights_digest
+from models.backbone_common import Backbone, build_input_conversion, file_digest, weights_digest
+from models.cache_keys import hash_description
 from models.backbone_specs import (
     APPLICATIONS,
     IMAGENET,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,7 +89,3 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def hash_description(description: dict) -> str:
-    """Hash a JSON-serializable description with sha256, independent of key order."""
-    encoded = json.dumps(description, sort_keys=True).encode()
-    return hashlib.sha256(encoded).hexdigest()

@@ -26,12 +26,14 @@ import time
 from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import keras
 import numpy as np
 
 from models.datasets import Dataset
+
+if TYPE_CHECKING:
+    import keras
 
 logger = logging.getLogger(__name__)
 

@@ -7,9 +7,8 @@ from numbers import Integral
 import keras
 from keras import layers
 
-# Bump when build_preprocessing changes its output for the same input, so that
-# cached backbone weights and embeddings built on the old output are not reused.
-PREPROCESSING_VERSION = "1"
+# PREPROCESSING_VERSION enters every cache key, so it lives with the keys.
+from models.cache_keys import PREPROCESSING_VERSION
 
 
 def build_preprocessing(

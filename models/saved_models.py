@@ -16,7 +16,8 @@ import keras
 import numpy as np
 from keras import layers
 
-from models.backbone_common import Backbone, build_input_conversion, file_digest, hash_description
+from models.backbone_common import Backbone, build_input_conversion, file_digest
+from models.cache_keys import hash_description
 from models.backbone_specs import (
     DEFAULT_SAVED_MODEL_INPUT_RANGE,
     SAVED_MODEL_SUFFIXES,

@@ -11,8 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -23,27 +21,24 @@ import keras
 import numpy as np
 from keras import layers
 
+from models.cache_keys import (
+    PRETRAIN_BATCH_SIZE,
+    PRETRAIN_LEARNING_RATE,
+    PRETRAIN_OPTIMIZER,
+    SMALL_CNN_FILTERS,
+    SMALL_CNN_KERNEL_SIZE,
+    random_small_cnn_cache_key,
+    small_cnn_cache_key,
+    small_cnn_weights_path,
+)
 from models.datasets import Dataset
-from models.preprocessing import PREPROCESSING_VERSION, build_preprocessing
+from models.preprocessing import build_preprocessing
 
 logger = logging.getLogger(__name__)
-
-# Bump when build_small_cnn changes in a way that the constants below do not show.
-SMALL_CNN_VERSION = "1"
-
-# Output channels of the three convolution blocks; the last one is the embedding size.
-SMALL_CNN_FILTERS = (32, 64, 128)
-SMALL_CNN_KERNEL_SIZE = 3
 
 # Two 2x2 max-pooling steps halve the image twice, so 8 pixels leave a 2x2 map
 # for the last block. Smaller images lose almost all spatial structure.
 MIN_IMAGE_SIZE = 8
-
-# Settings of the pretraining run on the source dataset. They enter the cache
-# key, so changing one retrains instead of reusing old weights.
-PRETRAIN_BATCH_SIZE = 64
-PRETRAIN_OPTIMIZER = "adam"
-PRETRAIN_LEARNING_RATE = 1e-3
 
 # Images per forward pass when the BatchNormalization statistics are recomputed
 # after pretraining. It only changes memory use, not the result.
@@ -114,53 +109,6 @@ def build_random_small_cnn(image_size: int, seed: int) -> keras.Model:
     return build_small_cnn(image_size)
 
 
-def small_cnn_cache_key(image_size: int, source: Dataset, epochs: int, seed: int) -> str:
-    """Compute the cache key of small_cnn weights pretrained on a source dataset.
-
-    Args:
-        image_size: Input side length in pixels.
-        source: Dataset the CNN is pretrained on.
-        epochs: Number of pretraining epochs.
-        seed: Keras global seed of the pretraining run.
-
-    Returns:
-        A sha256 hex digest over the architecture (with SMALL_CNN_VERSION and
-        PREPROCESSING_VERSION), image size, source fingerprint, epochs, seed,
-        batch size and optimizer settings.
-    """
-    description = {
-        "architecture": _small_cnn_description(),
-        "image_size": int(image_size),
-        "weights": "pretrained",
-        "source": source.fingerprint(),
-        "epochs": int(epochs),
-        "seed": int(seed),
-        "batch_size": PRETRAIN_BATCH_SIZE,
-        "batch_norm_statistics": "recomputed on the source training images",
-        "optimizer": {"name": PRETRAIN_OPTIMIZER, "learning_rate": PRETRAIN_LEARNING_RATE},
-    }
-    return _hash_description(description)
-
-
-def random_small_cnn_cache_key(image_size: int, seed: int) -> str:
-    """Compute the weights key of a small_cnn with seeded random weights.
-
-    Args:
-        image_size: Input side length in pixels.
-        seed: Keras global seed set before building the CNN.
-
-    Returns:
-        A sha256 hex digest over the architecture, image size and seed.
-    """
-    description = {
-        "architecture": _small_cnn_description(),
-        "image_size": int(image_size),
-        "weights": "none",
-        "seed": int(seed),
-    }
-    return _hash_description(description)
-
-
 def pretrain_small_cnn(
     image_size: int,
     source: Dataset,
@@ -196,7 +144,7 @@ def pretrain_small_cnn(
     _validate_seed(seed)
 
     key = small_cnn_cache_key(image_size, source, epochs, seed)
-    weights_path = Path(cache_dir) / "backbones" / f"small_cnn-{key}.weights.h5"
+    weights_path = small_cnn_weights_path(cache_dir, key)
 
     if weights_path.exists():
         cnn = build_small_cnn(image_size)
@@ -313,21 +261,6 @@ def _save_weights_atomically(cnn: keras.Model, weights_path: Path) -> None:
     except BaseException:
         Path(temporary_name).unlink(missing_ok=True)
         raise
-
-
-def _small_cnn_description() -> dict:
-    return {
-        "name": "small_cnn",
-        "version": SMALL_CNN_VERSION,
-        "filters": list(SMALL_CNN_FILTERS),
-        "kernel_size": SMALL_CNN_KERNEL_SIZE,
-        "preprocessing_version": PREPROCESSING_VERSION,
-    }
-
-
-def _hash_description(description: dict) -> str:
-    encoded = json.dumps(description, sort_keys=True).encode()
-    return hashlib.sha256(encoded).hexdigest()
 
 
 def _validate_image_size(image_size: int) -> None:

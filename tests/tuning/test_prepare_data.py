@@ -1,0 +1,83 @@
+"""prepare_data finds cached small_cnn embeddings without building the backbone, so without TensorFlow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Runs prepare_data in a fresh interpreter and prints its summary, the embeddings' sum and
+# whether TensorFlow was imported. With "full" as second argument the cache-key shortcut is off.
+SCRIPT = """
+import json, sys
+import tuning.experiment as experiment
+from tuning.config import parse_experiment
+
+if sys.argv[2] == "full":
+    experiment._cached_small_cnn_embeddings = lambda config, dataset: None
+prepared, data = experiment.prepare_data(parse_experiment(json.loads(sys.argv[1])))
+print(json.dumps({
+    "description": prepared.backbone_description, "backbone_cache_hit": prepared.backbone_cache_hit,
+    "embedding_cache_hit": prepared.embedding_cache_hit, "path": prepared.embedding_cache_path,
+    "train_sum": float(data.train.sum()), "val_sum": float(data.val.sum()),
+    "tensorflow": "tensorflow" in sys.modules,
+}))
+"""
+
+
+def experiment(cache: Path, weights: str) -> dict:
+    return {
+        "name": "prepare",
+        "dataset": {"name": "digits", "classes": [5, 6, 7, 8, 9], "seed": 0},
+        "backbone": {"name": "small_cnn", "image_size": 16, "weights": weights,
+                     "pretrain": {"dataset": "digits", "classes": [0, 1, 2, 3, 4], "epochs": 1}},
+        "search": {"num_trials": 1, "space": {"learning_rate": {"type": "loguniform", "low": 1.0e-3, "high": 1.0e-2}}},
+        "cache_dir": str(cache),
+    }
+
+
+def prepare(data: dict, mode: str = "shortcut") -> dict:
+    completed = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(data), mode], capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("weights", ["pretrained", "none"])
+def test_cache_hit_needs_no_tensorflow(tmp_path, weights):
+    data = experiment(tmp_path / "cache", weights)
+
+    first = prepare(data)
+    hit = prepare(data)
+    full = prepare(data, "full")
+
+    assert first["embedding_cache_hit"] is False
+    assert first["tensorflow"] is True
+    assert hit["embedding_cache_hit"] is True
+    assert hit["tensorflow"] is False
+    assert full["tensorflow"] is True
+    # The shortcut reports exactly what building the backbone reports.
+    assert {**hit, "tensorflow": None} == {**full, "tensorflow": None}
+    assert hit["backbone_cache_hit"] is (weights == "pretrained")
+    assert hit["train_sum"] == first["train_sum"]
+    assert hit["val_sum"] == first["val_sum"]
+
+
+def test_missing_weights_file_builds_backbone(tmp_path):
+    # The export builds the backbone from the cached weights, so cached embeddings alone do not count.
+    data = experiment(tmp_path / "cache", "pretrained")
+    first = prepare(data)
+    (weights_file,) = (tmp_path / "cache" / "backbones").glob("small_cnn-*.weights.h5")
+    weights_file.unlink()
+
+    again = prepare(data)
+
+    assert again["tensorflow"] is True
+    assert again["backbone_cache_hit"] is False
+    assert again["embedding_cache_hit"] is True
+    assert again["path"] == first["path"]
+    assert weights_file.exists()
