@@ -317,7 +317,7 @@ def run_experiment(config: ExperimentConfig, *, address: str | None = None, dash
             if not resume:
                 write_snapshot(config)
             results = _run_tuner(config, embeddings, resume=resume)
-            return _write_outputs(config, data, results, time.monotonic() - started)
+            return _write_outputs(config, data, results, time.monotonic() - started, resumed=resume)
     finally:
         if started_ray:
             ray.shutdown()
@@ -587,7 +587,14 @@ def _first_line(trial: Any) -> str:
     return "unknown error"
 
 
-def _write_outputs(config: ExperimentConfig, data: PreparedData, results: tune.ResultGrid, elapsed: float) -> ExperimentOutcome:
+def _write_outputs(
+    config: ExperimentConfig, data: PreparedData, results: tune.ResultGrid, elapsed: float, *, resumed: bool,
+) -> ExperimentOutcome:
+    """Write results.csv, the convergence plot, the best model, best_config.json and report.md.
+
+    `elapsed` counts from this command's start, so after `--resume` it leaves
+    out the time before the interruption, and the log and report state it.
+    """
     parameter_names = search_space(config).names
     frame = report.results_frame(results, parameter_names, config.search.metric)
     finished = frame[frame["status"] == report.STATUS_COMPLETED]
@@ -621,9 +628,10 @@ def _write_outputs(config: ExperimentConfig, data: PreparedData, results: tune.R
         })
         report.write_report(
             frame, config, run_dir / "report.md", best_trial=f"{best_trial_number} ({best_trial_id})", wall_seconds=elapsed, model_path=model_path,
-            data_summary=_data_summary(data), test_scores=test_scores,
+            data_summary=_data_summary(data), test_scores=test_scores, resumed=resumed,
         )
-    logger.info("experiment %s finished in %.0f s; outputs in %s", config.name, elapsed, config.run_dir())
+    since = " since the resume" if resumed else ""
+    logger.info("experiment %s finished in %.0f s%s; outputs in %s", config.name, elapsed, since, config.run_dir())
     return ExperimentOutcome(
         run_dir=config.run_dir(), best_trial_id=best_trial_id, best_trial_number=best_trial_number, best_config=best_hyperparameters, best_metrics=best_metrics,
         num_trials=len(frame), num_failed=int((frame["status"] != report.STATUS_COMPLETED).sum()), wall_seconds=elapsed, data=data,

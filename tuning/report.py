@@ -138,8 +138,13 @@ def write_report(
     data_summary: dict[str, Any],
     test_scores: dict[str, Any] | None = None,
     top: int = 5,
+    resumed: bool = False,
 ) -> Path:
-    """Write report.md: the experiment, the best trials, failed trials and why, time spent."""
+    """Write report.md: the experiment, the best trials, failed trials and why, time spent.
+
+    With `resumed`, `wall_seconds` covers only the command that resumed the
+    run, and the report states it.
+    """
     metric, mode = config.search.metric, config.search.mode
     parameters = list(config.search.space)
     completed = frame[frame["status"] == STATUS_COMPLETED].dropna(subset=[f"best_{metric}"])
@@ -150,7 +155,8 @@ def write_report(
         f"# Experiment `{config.name}`",
         "",
         f"Finished {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, "
-        f"{len(frame)} trials ({len(completed)} completed, {len(failed)} failed) in {wall_seconds:.0f} s.",
+        f"{len(frame)} trials ({len(completed)} completed, {len(failed)} failed) in {wall_seconds:.0f} s"
+        f"{' since the resume' if resumed else ''}.",
         "",
         "## Set-up",
         "",
@@ -184,7 +190,8 @@ def write_report(
         "",
         "## Time",
         "",
-        f"- Whole run: {wall_seconds:.1f} s",
+        f"- Resumed run, from the resume on: {wall_seconds:.1f} s (the time before the interruption is not counted)"
+        if resumed else f"- Whole run: {wall_seconds:.1f} s",
         f"- Trial wall time: median {completed['wall_seconds'].median():.1f} s, total {frame['wall_seconds'].sum():.1f} s",
         f"- Trial start-up (worker start to first epoch): median {completed['startup_seconds'].median():.1f} s",
         "",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -74,6 +75,7 @@ def test_best_config_matches_table(first_run):
     # scikit-learn's digits have no held-out test split, so nothing is scored on one.
     assert best["test"] is None
     assert "no held-out test split" in (run_dir / "report.md").read_text()
+    assert re.search(r"^- Whole run: \d+\.\d s$", (run_dir / "report.md").read_text(), re.MULTILINE)
 
 
 def test_convergence_plot_is_png(first_run):

@@ -71,6 +71,12 @@ def test_killed_run_resumes_exactly(tmp_path, cache):
     resumed = run_cli(experiment, storage, cache, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming the interrupted run" in resumed.stderr
+    # Only the resumed command's time is measured, and the log and report say so.
+    assert re.search(r"experiment resume finished in \d+ s since the resume", resumed.stderr)
+    report = (run_dir / "report.md").read_text()
+    assert re.search(r"in \d+ s since the resume\.", report)
+    assert "- Resumed run, from the resume on: " in report
+    assert "Whole run" not in report
     # The kill may have cut other state files too; each damaged one is named on the line.
     assert re.search(rf"restored the damaged [^\n]*{re.escape(search_state.name)}", resumed.stderr)
 
