@@ -24,7 +24,7 @@ from models.datasets import Dataset
 # input, so that cached backbone weights and embeddings built on the old output are not reused.
 PREPROCESSING_VERSION = "1"
 
-# Bump when build_small_cnn changes in a way that the constants below do not show.
+# Bump when models.small_cnn.build_small_cnn changes in a way that the constants below do not show.
 SMALL_CNN_VERSION = "1"
 
 # Output channels of the three convolution blocks. The last one is the embedding size.
