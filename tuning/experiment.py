@@ -560,6 +560,17 @@ def start_export_imports() -> None:
         _export_imports.start()
 
 
+def wait_for_export_imports() -> None:
+    """Wait until the thread of start_export_imports, if one started, has finished its imports.
+
+    The outputs import the same modules. A module that one thread imports while
+    another waits for it can reach the waiting thread half initialized (for
+    example matplotlib.pyplot without switch_backend), so the outputs wait here.
+    """
+    if _export_imports is not None:
+        _export_imports.join()
+
+
 def _import_export_modules() -> None:
     import matplotlib
 
@@ -595,6 +606,7 @@ def _write_outputs(
     `elapsed` counts from this command's start, so after `--resume` it leaves
     out the time before the interruption, and the log and report state it.
     """
+    wait_for_export_imports()
     parameter_names = search_space(config).names
     frame = report.results_frame(results, parameter_names, config.search.metric)
     finished = frame[frame["status"] == report.STATUS_COMPLETED]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -69,3 +70,19 @@ def test_start_imports_runs_once():
     assert not thread.is_alive()
     assert "models.classifier" in sys.modules
     assert "matplotlib.pyplot" in sys.modules
+
+
+def test_outputs_wait_for_imports():
+    # A fresh interpreter, so the imports really run in the thread while the main thread waits.
+    code = (
+        "import sys\n"
+        "from tuning import experiment\n"
+        "experiment.start_export_imports()\n"
+        "experiment.wait_for_export_imports()\n"
+        "import matplotlib.pyplot\n"
+        "print(experiment._export_imports.is_alive(), hasattr(matplotlib.pyplot, 'switch_backend'), 'tensorflow' in sys.modules)\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.split() == ["False", "True", "True"]
