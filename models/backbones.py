@@ -34,8 +34,9 @@ import keras
 from models.applications import build_application_backbone
 from models.backbone_common import Backbone
 from models.backbone_specs import APPLICATIONS, BACKBONE_NAMES, SMALL_CNN_WEIGHTS, BackboneError, closest_name
+from models.cache_keys import PREPROCESSING_VERSION
 from models.datasets import Dataset
-from models.preprocessing import PREPROCESSING_VERSION, build_preprocessing
+from models.preprocessing import build_preprocessing
 from models.saved_models import load_saved_model_backbone
 from models.small_cnn import (
     MIN_IMAGE_SIZE,

@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Errors that reading a damaged cache entry raises: missing or truncated files, a broken manifest.
+UNREADABLE_ENTRY_ERRORS = (OSError, KeyError, TypeError, ValueError)
+
 # Keys become folder names, so they may not contain path separators.
 _KEY_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -267,7 +270,9 @@ def extract_embeddings(
             del array
 
         _write_manifest(staging, key, dimension, {split: len(images) for split, images in parts.items()}, description)
-        _move_into_place(staging, path, replace=False)
+        # A readable entry that another process stored meanwhile contains the same numbers and is kept.
+        # An unreadable one, for example with a damaged file, is replaced.
+        _move_into_place(staging, path, replace=path.exists() and not _entry_readable(path))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -302,7 +307,7 @@ def load_cached_embeddings(cache_dir: Path, key: str) -> Embeddings | None:
 
     try:
         embeddings = _read_entry(path)
-    except (OSError, KeyError, TypeError, ValueError) as error:
+    except UNREADABLE_ENTRY_ERRORS as error:
         logger.warning("Ignoring unreadable cached embeddings at %s: %s", path, error)
         return None
 
@@ -415,6 +420,15 @@ def _write_manifest(folder: Path, key: str, dimension: int, counts: dict[str, in
     if description:
         manifest["description"] = description
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _entry_readable(path: Path) -> bool:
+    """Return whether the cache entry at `path` reads without error."""
+    try:
+        _read_entry(path)
+    except UNREADABLE_ENTRY_ERRORS:
+        return False
+    return True
 
 
 def _move_into_place(staging: Path, path: Path, *, replace: bool) -> None:

@@ -7,9 +7,6 @@ from numbers import Integral
 import keras
 from keras import layers
 
-# PREPROCESSING_VERSION enters every cache key, so it lives with the keys.
-from models.cache_keys import PREPROCESSING_VERSION
-
 
 def build_preprocessing(
     raw_shape: tuple[int, ...],
@@ -21,7 +18,9 @@ def build_preprocessing(
     It adds a channel axis to (h, w) images, rescales value_range linearly to
     [0, 1], resizes bilinearly to (image_size, image_size) and repeats a gray
     channel three times. Only built-in Keras layers are used, so a saved model
-    that contains it loads with keras.models.load_model in safe mode.
+    that contains it loads with keras.models.load_model in safe mode. Bump
+    PREPROCESSING_VERSION in models.cache_keys when the output for the same
+    input changes, so cached weights and embeddings are not reused.
 
     Args:
         raw_shape: Shape of one raw image: (h, w), (h, w, 1) or (h, w, 3).

@@ -48,6 +48,9 @@ STATISTICS_BATCH_SIZE = 256
 def build_small_cnn(image_size: int) -> keras.Model:
     """Build the small CNN backbone with fresh random weights.
 
+    Bump SMALL_CNN_VERSION in models.cache_keys when this changes in a way
+    that the constants there do not show, so cached weights are not reused.
+
     Three blocks of 3x3 convolution, BatchNormalization and ReLU, with 2x2 max
     pooling after the first two, then global average pooling. The weights depend
     on Keras' global seed; call keras.utils.set_random_seed first to repeat them.

@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import ray
@@ -104,12 +104,13 @@ def search_space(config: ExperimentConfig) -> SearchSpace:
 def prepare_data(config: ExperimentConfig) -> tuple[PreparedData, EmbeddingData]:
     """Load the dataset and backbone and return the embeddings, from the cache when possible.
 
-    A small_cnn backbone whose embeddings are cached is not built, so a
-    repeated quickstart never imports TensorFlow here. A cache miss extracts the embeddings batch by batch straight into the
-    cache's memory-mapped files (models.features.extract_embeddings). The
-    returned EmbeddingData contains those memory maps, so returning it from a Ray
-    task copies the pages into the object store without another copy in
-    memory. Runs wherever it is called; `run_experiment` calls it as a Ray task.
+    A small_cnn backbone whose weights file and embeddings are both cached is
+    not built, so a repeated quickstart never imports TensorFlow here. A cache
+    miss extracts the embeddings batch by batch straight into the cache's
+    memory-mapped files (models.features.extract_embeddings). The returned
+    EmbeddingData contains those memory maps, so returning it from a Ray task
+    copies the pages into the object store without another copy in memory.
+    Runs wherever it is called; `run_experiment` calls it as a Ray task.
 
     Raises:
         BackboneError: If the backbone cannot be built from the experiment's
@@ -120,18 +121,24 @@ def prepare_data(config: ExperimentConfig) -> tuple[PreparedData, EmbeddingData]
 
     cache_dir = config.cache_path()
     dataset = config.dataset.load()
-    cached = _cached_small_cnn_embeddings(config, dataset)
-    if cached is not None:
-        key, embeddings, backbone_description, backbone_cache_hit = cached
-        cache_hit = True
+    source = _pretraining_source(config)
+    known = _cached_small_cnn_weights(config, source)
+    key, embeddings = None, None
+    if known is not None:
+        key = embedding_cache_key(known.key, dataset, config.backbone.image_size, PREPROCESSING_VERSION)
+        embeddings = load_cached_embeddings(cache_dir, key)
+    if embeddings is not None:
+        backbone_description, backbone_cache_hit, cache_hit = known.description, known.cached, True
     else:
         from models.backbones import build_feature_extractor
         from models.features import extract_embeddings
 
-        backbone = _load_backbone(config)
+        backbone = _load_backbone(config, source)
         backbone_description, backbone_cache_hit = backbone.description, backbone.cache_hit
-        key = embedding_cache_key(backbone.weights_key, dataset, config.backbone.image_size, PREPROCESSING_VERSION)
-        embeddings = load_cached_embeddings(cache_dir, key)
+        backbone_key = embedding_cache_key(backbone.weights_key, dataset, config.backbone.image_size, PREPROCESSING_VERSION)
+        if backbone_key != key:
+            key = backbone_key
+            embeddings = load_cached_embeddings(cache_dir, key)
         cache_hit = embeddings is not None
         if embeddings is None:
             started = time.monotonic()
@@ -163,45 +170,66 @@ def prepare_data(config: ExperimentConfig) -> tuple[PreparedData, EmbeddingData]
     return prepared, data
 
 
-def _cached_small_cnn_embeddings(config: ExperimentConfig, dataset: Any) -> tuple[str, Any, str, bool] | None:
-    """Find the cached embeddings of a small_cnn backbone from its cache key alone, without TensorFlow.
+class _KnownWeights(NamedTuple):
+    """Backbone weights identified without building the backbone."""
 
-    Building a backbone imports TensorFlow, and a cache hit does not need the
-    backbone: on two idle cores the quickstart's data preparation took 1.9-2.0 s
-    this way against 5.2-5.4 s with the backbone built. Pretrained weights
-    count only when their file is cached too, because the export builds the
-    backbone from it.
+    key: str
+    description: str
+    cached: bool
+
+
+def _pretraining_source(config: ExperimentConfig) -> Any:
+    """Load the dataset that small_cnn is pretrained on, or return None when the backbone is not pretrained here."""
+    backbone = config.backbone
+    if backbone.path is not None or backbone.name != SMALL_CNN or backbone.weights != "pretrained":
+        return None
+    return config.pretrain_dataset().load()
+
+
+def _cached_small_cnn_weights(config: ExperimentConfig, source: Any) -> _KnownWeights | None:
+    """Identify small_cnn weights from their cache key alone, without TensorFlow.
+
+    Building a backbone imports TensorFlow, and finding cached embeddings needs
+    only the key of its weights: on two idle cores the quickstart's data
+    preparation took 1.9-2.0 s this way against 5.2-5.4 s with the backbone
+    built. Pretrained weights count only when their file opens as HDF5,
+    because the export builds the backbone from it.
+
+    Args:
+        config: The experiment.
+        source: The pretraining dataset from _pretraining_source.
 
     Returns:
-        (embedding cache key, embeddings, backbone description, whether the
-        backbone weights came from the cache), or None for other backbones
-        and on any cache miss.
+        The weights' key, description and whether they come from the cache,
+        or None for other backbones and for pretrained weights that are not
+        cached or do not open.
     """
-    from models.cache_keys import PREPROCESSING_VERSION, random_small_cnn_cache_key, small_cnn_cache_key, small_cnn_weights_path
-    from models.features import embedding_cache_key, embeddings_path, load_cached_embeddings
+    from models.cache_keys import random_small_cnn_cache_key, small_cnn_cache_key, small_cnn_weights_path
 
     backbone = config.backbone
     if backbone.path is not None or backbone.name != SMALL_CNN:
         return None
-    cache_dir = config.cache_path()
     pretrain = backbone.pretrain
     if backbone.weights == "none":
-        weights_key = random_small_cnn_cache_key(backbone.image_size, pretrain.seed)
-        description = f"small_cnn with random weights (seed {pretrain.seed})"
-    else:
-        source = config.pretrain_dataset().load()
-        weights_key = small_cnn_cache_key(backbone.image_size, source, pretrain.epochs, pretrain.seed)
-        if not small_cnn_weights_path(cache_dir, weights_key).exists():
-            return None
-        description = f"small_cnn pretrained for {pretrain.epochs} epochs on {source.num_classes} source classes (loaded from the cache)"
+        key = random_small_cnn_cache_key(backbone.image_size, pretrain.seed)
+        return _KnownWeights(key, f"small_cnn with random weights (seed {pretrain.seed})", cached=False)
 
-    key = embedding_cache_key(weights_key, dataset, backbone.image_size, PREPROCESSING_VERSION)
-    if not embeddings_path(cache_dir, key).is_dir():
+    key = small_cnn_cache_key(backbone.image_size, source, pretrain.epochs, pretrain.seed)
+    if not _opens_as_hdf5(small_cnn_weights_path(config.cache_path(), key)):
         return None
-    embeddings = load_cached_embeddings(cache_dir, key)
-    if embeddings is None:
-        return None
-    return key, embeddings, description, backbone.weights != "none"
+    description = f"small_cnn pretrained for {pretrain.epochs} epochs on {source.num_classes} source classes (loaded from the cache)"
+    return _KnownWeights(key, description, cached=True)
+
+
+def _opens_as_hdf5(path: Path) -> bool:
+    """Return whether `path` exists and opens with h5py. A truncated file does not open."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r"):
+            return True
+    except OSError:
+        return False
 
 
 # Seed of the random weights of a Keras Application with weights: none. The
@@ -209,8 +237,11 @@ def _cached_small_cnn_embeddings(config: ExperimentConfig, dataset: Any) -> tupl
 APPLICATION_RANDOM_SEED = 0
 
 
-def _load_backbone(config: ExperimentConfig) -> Any:
-    """Build the experiment's backbone: a saved model, a Keras Application, or small_cnn pretrained on the source task."""
+def _load_backbone(config: ExperimentConfig, source: Any = None) -> Any:
+    """Build the experiment's backbone: a saved model, a Keras Application, or small_cnn pretrained on the source task.
+
+    `source` is the pretraining dataset when the caller has loaded it already; None loads it here when needed.
+    """
     from models.backbones import load_backbone, load_saved_model_backbone
 
     backbone_config = config.backbone
@@ -227,7 +258,8 @@ def _load_backbone(config: ExperimentConfig) -> Any:
     if backbone_config.weights == "none":
         return load_backbone(backbone_config.name, weights="none", image_size=backbone_config.image_size, seed=backbone_config.pretrain.seed)
     pretrain = backbone_config.pretrain
-    source = config.pretrain_dataset().load()
+    if source is None:
+        source = config.pretrain_dataset().load()
     return load_backbone(
         backbone_config.name, weights="pretrained", image_size=backbone_config.image_size, seed=pretrain.seed,
         source=source, epochs=pretrain.epochs, cache_dir=config.cache_path(),

@@ -17,7 +17,7 @@ import tuning.experiment as experiment
 from tuning.config import parse_experiment
 
 if sys.argv[2] == "full":
-    experiment._cached_small_cnn_embeddings = lambda config, dataset: None
+    experiment._cached_small_cnn_weights = lambda config, source: None
 prepared, data = experiment.prepare_data(parse_experiment(json.loads(sys.argv[1])))
 print(json.dumps({
     "description": prepared.backbone_description, "backbone_cache_hit": prepared.backbone_cache_hit,
@@ -39,10 +39,12 @@ def experiment(cache: Path, weights: str) -> dict:
     }
 
 
+def run_prepare(data: dict, mode: str = "shortcut") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(data), mode], capture_output=True, text=True, timeout=600)
+
+
 def prepare(data: dict, mode: str = "shortcut") -> dict:
-    completed = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(data), mode], capture_output=True, text=True, timeout=600,
-    )
+    completed = run_prepare(data, mode)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
@@ -60,7 +62,7 @@ def test_cache_hit_needs_no_tensorflow(tmp_path, weights):
     assert hit["embedding_cache_hit"] is True
     assert hit["tensorflow"] is False
     assert full["tensorflow"] is True
-    # The shortcut reports exactly what building the backbone reports.
+    # The key lookup returns the same summary as building the backbone.
     assert {**hit, "tensorflow": None} == {**full, "tensorflow": None}
     assert hit["backbone_cache_hit"] is (weights == "pretrained")
     assert hit["train_sum"] == first["train_sum"]
@@ -81,3 +83,36 @@ def test_missing_weights_file_builds_backbone(tmp_path):
     assert again["embedding_cache_hit"] is True
     assert again["path"] == first["path"]
     assert weights_file.exists()
+
+
+def test_truncated_weights_file_fails_early(tmp_path):
+    # The file exists but no longer opens, so the backbone is built and its loader names the file.
+    data = experiment(tmp_path / "cache", "pretrained")
+    prepare(data)
+    (weights_file,) = (tmp_path / "cache" / "backbones").glob("small_cnn-*.weights.h5")
+    weights_file.write_bytes(weights_file.read_bytes()[:5000])
+
+    completed = run_prepare(data)
+
+    assert completed.returncode != 0
+    assert f"Cached backbone weights {weights_file} could not be loaded" in completed.stderr
+    assert "Delete the file to pretrain again" in completed.stderr
+
+
+def test_damaged_embeddings_recomputed(tmp_path):
+    data = experiment(tmp_path / "cache", "pretrained")
+    first = prepare(data)
+    train_file = Path(first["path"]) / "train.npy"
+    train_file.write_bytes(train_file.read_bytes()[:1000])
+
+    completed = run_prepare(data)
+    again = json.loads(completed.stdout.strip().splitlines()[-1])
+    repaired = prepare(data)
+
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stderr.count("Ignoring unreadable cached embeddings") == 1
+    assert again["embedding_cache_hit"] is False
+    assert again["train_sum"] == first["train_sum"]
+    assert repaired["embedding_cache_hit"] is True
+    assert repaired["tensorflow"] is False
+    assert repaired["train_sum"] == first["train_sum"]
