@@ -701,7 +701,7 @@ def check_storage_writable(config: ExperimentConfig) -> None:
     if config.is_remote_storage:
         return
     folder = Path(config.storage_path())
-    blocker = next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
+    blocker = _file_on_path(folder)
     if blocker is not None:
         raise ConfigError(
             f"storage: {config.storage!r} is not a folder because {str(blocker)!r} is a file; "
@@ -716,6 +716,20 @@ def check_storage_writable(config: ExperimentConfig) -> None:
             f"storage: {config.storage!r} is not writable ({error.strerror or error}); "
             "pass --storage with a folder you can write to"
         ) from None
+
+
+def _file_on_path(folder: Path) -> Path | None:
+    """Return the first of `folder` and its parents that is a file, or None.
+
+    A folder that cannot be searched ends the scan, and the write probe then reports it.
+    """
+    for path in (folder, *folder.parents):
+        try:
+            if path.exists() and not path.is_dir():
+                return path
+        except OSError:
+            return None
+    return None
 
 
 def check_datasets(config: ExperimentConfig) -> None:

@@ -41,6 +41,12 @@ def check_run_folder(config: ExperimentConfig, *, resume: bool = False) -> None:
     if config.is_remote_storage:
         return
     run_dir = Path(config.run_dir())
+    try:
+        run_dir.exists()
+    except OSError as error:
+        raise ConfigError(
+            f"storage: cannot look into {run_dir} ({error.strerror or error}); pass --storage with a folder you can write to"
+        ) from None
     holder = _lock_holder(run_dir)
     if holder is not None:
         raise ConfigError(
