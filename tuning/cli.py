@@ -78,8 +78,9 @@ def run(experiment: str, address: str | None, num_trials: int | None, storage: s
         sys.exit(1)
 
     click.echo("")
+    duration = f"{outcome.wall_seconds:.0f} s since the resume" if outcome.resumed else f"{outcome.wall_seconds:.0f} s in all"
     click.echo(f"Best trial {outcome.best_trial_number} ({outcome.best_trial_id}) of {outcome.num_trials} ({outcome.num_failed} failed), "
-               f"{outcome.wall_seconds:.0f} s in all:")
+               f"{duration}:")
     for key, value in outcome.best_config.items():
         click.echo(f"  {key:<14} {value}")
     for key in ("best_epoch", "best_val_loss", "best_val_accuracy"):

@@ -83,9 +83,10 @@ class ExperimentOutcome:
     best_metrics: dict[str, Any]
     num_trials: int
     num_failed: int
-    wall_seconds: float
+    wall_seconds: float  # from this command's start, so after --resume from the resume
     data: PreparedData
     test_scores: dict[str, Any] | None = None
+    resumed: bool = False
 
 
 def search_space(config: ExperimentConfig) -> SearchSpace:
@@ -679,7 +680,7 @@ def _write_outputs(
     return ExperimentOutcome(
         run_dir=config.run_dir(), best_trial_id=best_trial_id, best_trial_number=best_trial_number, best_config=best_hyperparameters, best_metrics=best_metrics,
         num_trials=len(frame), num_failed=int((frame["status"] != report.STATUS_COMPLETED).sum()), wall_seconds=elapsed, data=data,
-        test_scores=test_scores,
+        test_scores=test_scores, resumed=resumed,
     )
 
 

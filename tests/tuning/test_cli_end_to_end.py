@@ -37,7 +37,7 @@ def test_run_succeeds_and_prints_best(first_run):
     _, _, completed = first_run
 
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "Best trial" in completed.stdout
+    assert re.search(r"Best trial \d{5} \(\w+\) of \d+ \(0 failed\), \d+ s in all:", completed.stdout)
     assert "best_model.keras" in completed.stdout
     # The export loads the best checkpoint whole, optimizer variables included.
     assert "Skipping variable loading" not in completed.stderr

@@ -77,6 +77,7 @@ def test_killed_run_resumes_exactly(tmp_path, cache):
     assert re.search(r"in \d+ s since the resume\.", report)
     assert "- Resumed run, from the resume on: " in report
     assert "Whole run" not in report
+    assert re.search(r"of 6 \(0 failed\), \d+ s since the resume:", resumed.stdout)
     # The kill may have cut other state files too; each damaged one is named on the line.
     assert re.search(rf"restored the damaged [^\n]*{re.escape(search_state.name)}", resumed.stderr)
 
