@@ -461,6 +461,14 @@ class ExperimentConfig(_Strict):
             )
         return name
 
+    @field_validator("storage")
+    @classmethod
+    def _storage_not_blank(cls, storage: str) -> str:
+        # An empty path would resolve to the current folder without anyone asking for it.
+        if not storage.strip():
+            raise ValueError("storage is empty; give a folder such as ./runs or a URI such as s3://bucket/runs")
+        return storage
+
     @field_validator("head")
     @classmethod
     def _fixed_hyperparameters(cls, head: dict[str, Any]) -> dict[str, Any]:

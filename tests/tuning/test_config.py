@@ -68,6 +68,7 @@ MALFORMED = [
     ("unknown scheduler", changed("scheduler.name", "hyperband"), "scheduler.name"),
     ("negative cpus", changed("resources.cpus_per_trial", -1), "resources.cpus_per_trial"),
     ("negative gpus", changed("resources.gpus_per_trial", -0.5), "resources.gpus_per_trial"),
+    ("empty storage", changed("storage", ""), "storage: storage is empty; give a folder such as ./runs"),
     ("fixed and tuned", changed("head", {"dropout": 0.1}), "both fixed in head and tuned"),
     ("point outside space", changed("search.points_to_evaluate", [{"dropout": 0.1}]), "points_to_evaluate[0]"),
 ]
