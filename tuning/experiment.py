@@ -661,7 +661,6 @@ def _write_outputs(
     best_metrics = {name: _python_value(best_row[name]) for name in report.best_metric_columns(frame)}
 
     with output_folder(config) as run_dir:
-        report.write_csv(frame, run_dir / "results.csv")
         report.plot_convergence(frame, config.search.metric, config.search.mode, run_dir / "convergence.png")
         model_path = _export_best_model(config, data, best_result, best_hyperparameters, run_dir / "best_model.keras")
         test_scores = score_on_test(config, model_path)
@@ -675,6 +674,9 @@ def _write_outputs(
             frame, config, run_dir / "report.md", best_trial=f"{best_trial_number} ({best_trial_id})", wall_seconds=elapsed, model_path=model_path,
             data_summary=_data_summary(data), test_scores=test_scores, resumed=resumed,
         )
+        # results.csv marks the run as finished, so it comes last: if an earlier output
+        # fails, the run stays interrupted and --resume writes the outputs again.
+        report.write_csv(frame, run_dir / "results.csv")
     since = " since the resume" if resumed else ""
     logger.info("experiment %s finished in %.0f s%s; outputs in %s", config.name, elapsed, since, config.run_dir())
     return ExperimentOutcome(

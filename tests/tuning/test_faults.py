@@ -71,7 +71,7 @@ def test_killed_run_resumes_exactly(tmp_path, cache):
     resumed = run_cli(experiment, storage, cache, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming the interrupted run" in resumed.stderr
-    # Only the resumed command's time is measured, and the log and report say so.
+    # Only the resumed command's time is measured, and the log and report state it.
     assert re.search(r"experiment resume finished in \d+ s since the resume", resumed.stderr)
     report = (run_dir / "report.md").read_text()
     assert re.search(r"in \d+ s since the resume\.", report)
@@ -242,3 +242,29 @@ def test_interrupted_run_writes_no_outputs(tmp_path, cache):
     frame = pd.read_csv(storage / "ctrlc" / "results.csv")
     assert len(frame) == 4
     assert (frame["status"] == "TERMINATED").all()
+
+
+def test_resume_rewrites_lost_outputs(tmp_path, cache):
+    # A run stopped while it wrote its outputs has no results.csv, which is written last.
+    experiment = write_experiment(tmp_path / "outputs.yaml", tiny_experiment(**{"name": "outputs", "search.num_trials": 2}))
+    storage = tmp_path / "runs"
+    first = run_cli(experiment, storage, cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = storage / "outputs"
+    before = pd.read_csv(run_dir / "results.csv")
+    (run_dir / "results.csv").unlink()
+    (run_dir / "best_model.keras").unlink()
+
+    again = run_cli(experiment, storage, cache)
+    resumed = run_cli(experiment, storage, cache, "--resume")
+
+    assert again.returncode == 2
+    assert "interrupted experiment" in again.stderr
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = pd.read_csv(run_dir / "results.csv")
+    assert list(after["trial_id"]) == list(before["trial_id"])
+    assert list(after["best_val_loss"]) == pytest.approx(list(before["best_val_loss"]))
+    assert (run_dir / "best_model.keras").is_file()
+    assert "resuming trial" not in resumed.stderr
+    written = {name: (run_dir / name).stat().st_mtime_ns for name in ("convergence.png", "best_model.keras", "best_config.json", "report.md")}
+    assert (run_dir / "results.csv").stat().st_mtime_ns >= max(written.values())
