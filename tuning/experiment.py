@@ -504,8 +504,10 @@ def _format_value(value: Any) -> str:
 class ProgressLogger(tune.Callback):
     """Log one line per finished or failed trial with the best value so far.
 
-    Lines wait for the end of Ray Tune's step, after the experiment state is
-    saved, so every trial logged as finished survives a crash of the driver.
+    Lines wait for the end of Ray Tune's step. The experiment state is saved
+    only every few seconds, but a trial logged as finished keeps its result
+    after a crash of the driver, because its last checkpoint marks it as
+    finished and `--resume` then trains nothing for it.
     """
 
     def __init__(self, num_trials: int, metric: str, mode: str) -> None:
