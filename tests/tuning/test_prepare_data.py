@@ -1,4 +1,4 @@
-"""prepare_data finds cached small_cnn embeddings without building the backbone, so without TensorFlow."""
+"""prepare_data finds cached small_cnn embeddings without TensorFlow, and recovers from damaged cache files."""
 
 from __future__ import annotations
 
