@@ -34,7 +34,7 @@ import keras
 from models.applications import build_application_backbone
 from models.backbone_common import Backbone
 from models.backbone_specs import APPLICATIONS, BACKBONE_NAMES, SMALL_CNN_WEIGHTS, BackboneError, closest_name
-from models.cache_keys import PREPROCESSING_VERSION
+from models.cache_keys import PREPROCESSING_VERSION, pretrained_small_cnn_description, random_small_cnn_description
 from models.datasets import Dataset
 from models.preprocessing import build_preprocessing
 from models.saved_models import load_saved_model_backbone
@@ -138,7 +138,7 @@ def load_backbone(
             cnn=cnn,
             weights_key=random_small_cnn_cache_key(image_size, seed),
             cache_hit=False,
-            description=f"small_cnn with random weights (seed {seed})",
+            description=random_small_cnn_description(seed),
         )
 
     missing = [
@@ -151,8 +151,7 @@ def load_backbone(
 
     cnn, cache_hit = pretrain_small_cnn(image_size, source, epochs=epochs, seed=seed, cache_dir=cache_dir)
     weights_key = small_cnn_cache_key(image_size, source, epochs, seed)
-    origin = "loaded from the cache" if cache_hit else "pretrained in this run"
-    description = f"small_cnn pretrained for {epochs} epochs on {source.num_classes} source classes ({origin})"
+    description = pretrained_small_cnn_description(epochs, source.num_classes, from_cache=cache_hit)
     return Backbone(cnn=cnn, weights_key=weights_key, cache_hit=cache_hit, description=description)
 
 

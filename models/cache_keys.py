@@ -1,4 +1,4 @@
-"""Cache keys of small_cnn weights, readable without TensorFlow.
+"""Cache keys and descriptions of small_cnn weights, readable without TensorFlow.
 
 A run whose embeddings are already cached needs only their key, so the
 data-preparation task can find them without importing TensorFlow. The key of
@@ -89,6 +89,17 @@ def random_small_cnn_cache_key(image_size: int, seed: int) -> str:
         "seed": int(seed),
     }
     return hash_description(description)
+
+
+def pretrained_small_cnn_description(epochs: int, num_classes: int, *, from_cache: bool) -> str:
+    """Describe pretrained small_cnn weights in one line for logs and reports."""
+    origin = "loaded from the cache" if from_cache else "pretrained in this run"
+    return f"small_cnn pretrained for {epochs} epochs on {num_classes} source classes ({origin})"
+
+
+def random_small_cnn_description(seed: int) -> str:
+    """Describe small_cnn weights with seeded random values in one line for logs and reports."""
+    return f"small_cnn with random weights (seed {seed})"
 
 
 def small_cnn_weights_path(cache_dir: Path, key: str) -> Path:

@@ -205,7 +205,13 @@ def _cached_small_cnn_weights(config: ExperimentConfig, source: Any) -> _KnownWe
         or None for other backbones and for pretrained weights that are not
         cached or do not open.
     """
-    from models.cache_keys import random_small_cnn_cache_key, small_cnn_cache_key, small_cnn_weights_path
+    from models.cache_keys import (
+        pretrained_small_cnn_description,
+        random_small_cnn_cache_key,
+        random_small_cnn_description,
+        small_cnn_cache_key,
+        small_cnn_weights_path,
+    )
 
     backbone = config.backbone
     if backbone.path is not None or backbone.name != SMALL_CNN:
@@ -213,12 +219,12 @@ def _cached_small_cnn_weights(config: ExperimentConfig, source: Any) -> _KnownWe
     pretrain = backbone.pretrain
     if backbone.weights == "none":
         key = random_small_cnn_cache_key(backbone.image_size, pretrain.seed)
-        return _KnownWeights(key, f"small_cnn with random weights (seed {pretrain.seed})", cached=False)
+        return _KnownWeights(key, random_small_cnn_description(pretrain.seed), cached=False)
 
     key = small_cnn_cache_key(backbone.image_size, source, pretrain.epochs, pretrain.seed)
     if not _opens_as_hdf5(small_cnn_weights_path(config.cache_path(), key)):
         return None
-    description = f"small_cnn pretrained for {pretrain.epochs} epochs on {source.num_classes} source classes (loaded from the cache)"
+    description = pretrained_small_cnn_description(pretrain.epochs, source.num_classes, from_cache=True)
     return _KnownWeights(key, description, cached=True)
 
 
@@ -636,7 +642,7 @@ def _first_line(trial: Any) -> str:
 def _write_outputs(
     config: ExperimentConfig, data: PreparedData, results: tune.ResultGrid, elapsed: float, *, resumed: bool,
 ) -> ExperimentOutcome:
-    """Write results.csv, the convergence plot, the best model, best_config.json and report.md.
+    """Write the convergence plot, the best model, best_config.json, report.md and, last, results.csv.
 
     `elapsed` counts from this command's start, so after `--resume` it leaves
     out the time before the interruption, and the log and report state it.
