@@ -21,7 +21,6 @@ import keras
 import numpy as np
 
 from models.backbone_common import Backbone, build_input_conversion, file_digest, weights_digest
-from models.cache_keys import hash_description
 from models.backbone_specs import (
     APPLICATIONS,
     IMAGENET,
@@ -31,6 +30,7 @@ from models.backbone_specs import (
     BackboneError,
     closest_name,
 )
+from models.cache_keys import hash_description
 
 logger = logging.getLogger(__name__)
 

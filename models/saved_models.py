@@ -17,7 +17,6 @@ import numpy as np
 from keras import layers
 
 from models.backbone_common import Backbone, build_input_conversion, file_digest
-from models.cache_keys import hash_description
 from models.backbone_specs import (
     DEFAULT_SAVED_MODEL_INPUT_RANGE,
     SAVED_MODEL_SUFFIXES,
@@ -25,6 +24,7 @@ from models.backbone_specs import (
     inspect_saved_model,
     unknown_layer_message,
 )
+from models.cache_keys import hash_description
 
 logger = logging.getLogger(__name__)
 

@@ -42,6 +42,7 @@ def check_run_folder(config: ExperimentConfig, *, resume: bool = False) -> None:
         return
     run_dir = Path(config.run_dir())
     try:
+        # Path.exists raises, instead of returning False, when a folder on the path cannot be searched.
         run_dir.exists()
     except OSError as error:
         raise ConfigError(
