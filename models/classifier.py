@@ -32,6 +32,7 @@ import numpy as np
 from keras import layers
 
 from models.hyperparameters import HEAD_DEFAULTS, HEAD_HYPERPARAMETERS, OPTIMIZERS
+from models.optimizers import FusedAdam, FusedAdamW
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +56,10 @@ __all__ = [
 ]
 
 _OPTIMIZER_CLASSES = {
-    "adam": keras.optimizers.Adam,
+    "adam": FusedAdam,
     "sgd": keras.optimizers.SGD,
     "rmsprop": keras.optimizers.RMSprop,
-    "adamw": keras.optimizers.AdamW,
+    "adamw": FusedAdamW,
 }
 
 
@@ -264,9 +265,10 @@ def export_model(
         raise ValueError(f"metadata is not JSON-serializable: {error}; pass only str, numbers, lists and dicts.") from error
 
     extractor.trainable = False
-    # An uncompiled copy of the head, so the file carries no optimizer state. Loading a
-    # compiled nested model makes Keras warn that it skips the optimizer's variables.
-    inference_head = keras.models.clone_model(head)
+    # An uncompiled copy of the head, so the file carries no optimizer and loads without
+    # frozen-tune's optimizer classes. keras.models.clone_model (Keras 3.15) compiles its
+    # copy like the original, and a compiled nested model makes Keras warn at load time.
+    inference_head = keras.Model.from_config(head.get_config())
     inference_head.set_weights(head.get_weights())
     inputs = keras.Input(shape=extractor.input_shape[1:], dtype="float32", name="raw_image")
     embeddings = extractor(inputs, training=False)

@@ -13,6 +13,7 @@ from models.classifier import (
     resolve_head_hyperparameters,
 )
 from models.datasets import Dataset
+from models.optimizers import FusedAdam, FusedAdamW
 
 EMBEDDING_DIM = 12
 NUM_CLASSES = 3
@@ -111,10 +112,10 @@ def test_head_standardizes_embeddings() -> None:
 @pytest.mark.parametrize(
     ("name", "optimizer_class"),
     [
-        ("adam", keras.optimizers.Adam),
+        ("adam", FusedAdam),
         ("sgd", keras.optimizers.SGD),
         ("rmsprop", keras.optimizers.RMSprop),
-        ("adamw", keras.optimizers.AdamW),
+        ("adamw", FusedAdamW),
     ],
 )
 def test_head_optimizer_choice(name: str, optimizer_class: type) -> None:
