@@ -708,13 +708,8 @@ def check_storage_writable(config: ExperimentConfig) -> None:
     """
     if config.is_remote_storage:
         return
+    check_storage_not_file(config)
     folder = Path(config.storage_path())
-    blocker = _file_on_path(folder)
-    if blocker is not None:
-        raise ConfigError(
-            f"storage: {config.storage!r} is not a folder because {str(blocker)!r} is a file; "
-            "pass --storage with a folder you can write to"
-        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".frozen-tune-probe-"):
@@ -724,6 +719,22 @@ def check_storage_writable(config: ExperimentConfig) -> None:
             f"storage: {config.storage!r} is not writable ({error.strerror or error}); "
             "pass --storage with a folder you can write to"
         ) from None
+
+
+def check_storage_not_file(config: ExperimentConfig) -> None:
+    """Reject local storage whose path is, or runs through, a file.
+
+    Raises:
+        ConfigError: naming the storage value and the file.
+    """
+    if config.is_remote_storage:
+        return
+    blocker = _file_on_path(Path(config.storage_path()))
+    if blocker is not None:
+        raise ConfigError(
+            f"storage: {config.storage!r} is not a folder because {str(blocker)!r} is a file; "
+            "pass --storage with a folder you can write to"
+        )
 
 
 def _file_on_path(folder: Path) -> Path | None:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tuning.config import ConfigError, ExperimentConfig
+from tuning.config import ConfigError, ExperimentConfig, check_storage_not_file
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ def check_run_folder(config: ExperimentConfig, *, resume: bool = False) -> None:
     """
     if config.is_remote_storage:
         return
+    # A file on the storage path would otherwise read as "no experiment there".
+    check_storage_not_file(config)
     run_dir = Path(config.run_dir())
     try:
         # Path.exists raises, instead of returning False, when a folder on the path cannot be searched.

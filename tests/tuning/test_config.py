@@ -200,14 +200,15 @@ def test_cli_exits_2_and_writes_nothing(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("resume", [[], ["--resume"]], ids=["run", "resume"])
 @pytest.mark.parametrize("below", ["", "runs"])
-def test_cli_rejects_file_as_storage(tmp_path, below):
+def test_cli_rejects_file_as_storage(tmp_path, below, resume):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     storage = blocker / below if below else blocker
 
     completed = subprocess.run(
-        [sys.executable, "-m", "tuning", "run", str(QUICKSTART), "--storage", str(storage)],
+        [sys.executable, "-m", "tuning", "run", str(QUICKSTART), "--storage", str(storage), *resume],
         capture_output=True, text=True, timeout=60,
     )
 
