@@ -63,20 +63,46 @@ def test_fused_update_matches_keras(fused, reference, start_and_gradients) -> No
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
 
 
-def _update_op_types(optimizer: keras.optimizers.Optimizer) -> set[str]:
-    variable = keras.Variable(np.zeros(SHAPE, np.float32))
+def _update_op_types(optimizer: keras.optimizers.Optimizer, dtype: str = "float32") -> set[str]:
+    variable = keras.Variable(np.zeros(SHAPE), dtype=dtype)
     optimizer.build([variable])
     step = tf.function(lambda gradient: optimizer.apply_gradients([(gradient, variable)]))
-    graph = step.get_concrete_function(tf.TensorSpec(SHAPE, tf.float32)).graph
+    graph = step.get_concrete_function(tf.TensorSpec(SHAPE, dtype)).graph
     return {operation.type for operation in graph.get_operations()}
 
 
 def test_fused_update_is_one_kernel() -> None:
     # Keras' own update is a chain of element-wise operations, and the fused one calls the kernel.
     assert "ResourceApplyAdam" in _update_op_types(FusedAdam(learning_rate=1e-3))
+    assert "ResourceApplyAdam" in _update_op_types(FusedAdam(learning_rate=1e-3), dtype="float64")
     assert "ResourceApplyAdam" in _update_op_types(FusedAdamW(learning_rate=1e-3, weight_decay=0.01))
     assert "ResourceApplyAdam" not in _update_op_types(keras.optimizers.Adam(learning_rate=1e-3))
     assert "ResourceApplyAdam" not in _update_op_types(FusedAdam(learning_rate=1e-3, amsgrad=True))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_variables_use_keras_update(dtype) -> None:
+    # The kernel would round the betas to the variable's dtype: 0.999 is 1.0 in bfloat16.
+    assert "ResourceApplyAdam" not in _update_op_types(FusedAdam(learning_rate=1e-3), dtype=dtype)
+
+    start = np.full(SHAPE, 0.5, np.float32)
+    gradients = [np.full(SHAPE, 0.1, np.float32)] * 3
+    ours = _train_in_dtype(FusedAdam(learning_rate=1e-2), start, gradients, dtype)
+    theirs = _train_in_dtype(keras.optimizers.Adam(learning_rate=1e-2), start, gradients, dtype)
+
+    np.testing.assert_array_equal(ours, theirs)
+    if dtype == "float16":
+        # In bfloat16 Keras' own bias correction rounds the step to 0, so only float16 moves.
+        assert np.all(ours < 0.5)
+
+
+def _train_in_dtype(optimizer: keras.optimizers.Optimizer, start: np.ndarray, gradients: list[np.ndarray], dtype: str) -> np.ndarray:
+    variable = keras.Variable(start, dtype=dtype)
+    optimizer.build([variable])
+    step = tf.function(lambda gradient: optimizer.apply_gradients([(gradient, variable)]))
+    for gradient in gradients:
+        step(tf.constant(gradient, dtype=dtype))
+    return np.asarray(variable.numpy(), np.float32)
 
 
 def test_fused_optimizers_serialize() -> None:
