@@ -45,11 +45,16 @@ def check_run_folder(config: ExperimentConfig, *, resume: bool = False) -> None:
     run_dir = Path(config.run_dir())
     try:
         # Path.exists raises, instead of returning False, when a folder on the path cannot be searched.
-        run_dir.exists()
+        run_dir_exists = run_dir.exists()
     except OSError as error:
         raise ConfigError(
             f"storage: cannot look into {run_dir} ({error.strerror or error}); pass --storage with a folder you can write to"
         ) from None
+    if run_dir_exists and not run_dir.is_dir():
+        raise ConfigError(
+            f"{run_dir} is a file, so it cannot be the run folder of experiment {config.name!r}; "
+            "choose another name with --name or another --storage, or move that file"
+        )
     holder = _lock_holder(run_dir)
     if holder is not None:
         raise ConfigError(
@@ -63,6 +68,11 @@ def check_run_folder(config: ExperimentConfig, *, resume: bool = False) -> None:
             raise ConfigError(
                 f"--resume: the experiment in {run_dir} already finished and its outputs are there; "
                 "to run it again, choose a new name with --name"
+            )
+        if not run_dir_exists:
+            raise ConfigError(
+                f"--resume: {run_dir} does not exist, so there is no interrupted experiment named {config.name!r} to continue; "
+                "pass the --storage and --name of the interrupted run, or run without --resume to start it"
             )
         if not started:
             raise ConfigError(f"--resume: {run_dir} contains no interrupted experiment named {config.name!r}; run without --resume to start it")

@@ -218,6 +218,25 @@ def test_cli_rejects_file_as_storage(tmp_path, below, resume):
     assert blocker.read_text() == "not a folder"
 
 
+@pytest.mark.parametrize("resume", [[], ["--resume"]], ids=["run", "resume"])
+def test_cli_rejects_file_as_run_folder(tmp_path, resume):
+    storage = tmp_path / "runs"
+    storage.mkdir()
+    blocker = storage / "quickstart"
+    blocker.write_text("not a folder")
+
+    completed = subprocess.run(
+        [sys.executable, "-m", "tuning", "run", str(QUICKSTART), "--storage", str(storage), *resume],
+        capture_output=True, text=True, timeout=60,
+    )
+
+    assert completed.returncode == 2
+    assert f"{blocker} is a file, so it cannot be the run folder of experiment 'quickstart'" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert blocker.read_text() == "not a folder"
+    assert sorted(path.name for path in storage.iterdir()) == ["quickstart"]
+
+
 def test_cli_rejects_storage_under_proc(tmp_path):
     completed = subprocess.run(
         [sys.executable, "-m", "tuning", "run", str(QUICKSTART), "--storage", "/proc/frozen-tune-runs"],

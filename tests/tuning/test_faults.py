@@ -114,9 +114,15 @@ def test_resume_rejects_missing_or_changed(tmp_path, cache):
     experiment = write_experiment(tmp_path / "never.yaml", tiny_experiment(name="never"))
     missing = run_cli(experiment, storage, cache, "--resume")
     assert missing.returncode == 2
-    assert "contains no interrupted experiment named 'never'" in missing.stderr
+    assert f"{storage / 'never'} does not exist, so there is no interrupted experiment named 'never'" in missing.stderr
     assert "run without --resume" in missing.stderr
-    assert not (storage / "never").exists()
+    assert not storage.exists()
+
+    (storage / "never").mkdir(parents=True)
+    empty = run_cli(experiment, storage, cache, "--resume")
+    assert empty.returncode == 2
+    assert "contains no interrupted experiment named 'never'" in empty.stderr
+    assert list((storage / "never").iterdir()) == []
 
     # An interrupted run folder: the snapshot and Ray Tune's state file, as a killed run leaves them.
     from tuning.config import parse_experiment
