@@ -100,10 +100,21 @@ def time_epoch(batch_size: int, timed_epochs: int) -> dict:
     }
 
 
+def positive_int(text: str) -> int:
+    """Parse an integer of at least 1 for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}; pass a whole number such as 3") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1; pass at least 1")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", default="32,64,128,256", help="Comma-separated batch sizes (the quickstart's choices).")
-    parser.add_argument("--timed-epochs", type=int, default=3, help="Epochs timed after the first; the median is reported.")
+    parser.add_argument("--timed-epochs", type=positive_int, default=3, help="Epochs timed after the first; the median is reported.")
     parser.add_argument("--output", default=str(REPOSITORY / "bench" / "epoch_speed.json"), help="JSON file for the results.")
     arguments = parser.parse_args()
 
