@@ -1,8 +1,8 @@
 """Measure how a reused trial worker's memory grows from one trial to the next.
 
 A reused Ray Tune worker runs trial after trial in one process. This script
-does the same in one process, without Ray. For each trial it clears the Keras
-session, then builds and compiles a head with the trainable's own
+does the same in one process, without Ray. For each trial it releases the
+previous trial as the trainable does (`release_previous_trial`), then builds and compiles a head with the trainable's own
 `build_trial_head`. It fits the head on quickstart-sized random embeddings
 (716 training and 180 validation rows of 128 floats, 5 classes) through the
 trainable's own input pipelines. After each trial it records the resident
@@ -46,10 +46,9 @@ def main() -> None:
     if arguments.trials <= WARM_UP_TRIALS:
         parser.error(f"--trials must be more than {WARM_UP_TRIALS}")
 
-    import keras
     from tensorflow.python.eager import context
 
-    from tuning.trainable import EmbeddingData, _configure_tensorflow, _fit_inputs, build_trial_head
+    from tuning.trainable import EmbeddingData, _configure_tensorflow, _fit_inputs, build_trial_head, release_previous_trial
 
     _configure_tensorflow(1, 0)
     rng = np.random.default_rng(0)
@@ -60,7 +59,7 @@ def main() -> None:
     steps = math.ceil(TRAIN_ROWS / BATCH_SIZE)
     rows = []
     for trial in range(arguments.trials):
-        keras.backend.clear_session()
+        release_previous_trial()
         hyperparameters = {"units_1": 400 + trial, "units_2": 250, "units_3": 120, "batch_size": BATCH_SIZE}
         head = build_trial_head(data, hyperparameters, steps)
         head.fit(**_fit_inputs(data, BATCH_SIZE, trial), epochs=arguments.epochs, verbose=0)
