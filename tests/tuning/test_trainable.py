@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -240,3 +242,38 @@ def test_large_embeddings_stay_numpy(digits_data, monkeypatch):
     assert inputs["y"] is digits_data.y_train
     assert inputs["batch_size"] == 100
     assert inputs["validation_data"][0] is digits_data.val
+
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+RELEASE_SCRIPT = """
+import gc, json, weakref
+import keras
+from tuning.trainable import release_previous_trial
+
+class Node:
+    pass
+
+release_previous_trial()
+frozen_after_first = gc.get_freeze_count()
+
+# A reference cycle, as a trial's objects form them, made after the first trial started.
+node = Node()
+node.self = node
+alive = weakref.ref(node)
+del node
+release_previous_trial()
+print(json.dumps({"frozen_after_first": frozen_after_first, "frozen_after_second": gc.get_freeze_count(),
+                  "cycle_collected": alive() is None}))
+"""
+
+
+def test_release_freezes_imports_once(tmp_path):
+    completed = subprocess.run([sys.executable, "-c", RELEASE_SCRIPT], capture_output=True, text=True, timeout=120, cwd=REPOSITORY)
+
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    counts = json.loads(completed.stdout.strip().splitlines()[-1])
+    # The imports of Keras and TensorFlow alone are several hundred thousand objects.
+    assert counts["frozen_after_first"] > 100_000
+    assert counts["frozen_after_second"] == counts["frozen_after_first"]
+    assert counts["cycle_collected"] is True
