@@ -46,14 +46,20 @@ def check_run_folder(config: ExperimentConfig, *, resume: bool = False) -> None:
     try:
         # Path.exists raises, instead of returning False, when a folder on the path cannot be searched.
         run_dir_exists = run_dir.exists()
+        broken_link = not run_dir_exists and run_dir.is_symlink()
     except OSError as error:
         raise ConfigError(
             f"storage: cannot look into {run_dir} ({error.strerror or error}); pass --storage with a folder you can write to"
         ) from None
+    if broken_link:
+        raise ConfigError(
+            f"{run_dir} is a symbolic link to {os.readlink(run_dir)!r}, which does not exist; "
+            "remove the link or point it at a folder, or choose another name with --name"
+        )
     if run_dir_exists and not run_dir.is_dir():
         raise ConfigError(
-            f"{run_dir} is a file, so it cannot be the run folder of experiment {config.name!r}; "
-            "choose another name with --name or another --storage, or move that file"
+            f"{run_dir} is not a folder, so it cannot be the run folder of experiment {config.name!r}; "
+            "choose another name with --name or another --storage, or move it away"
         )
     holder = _lock_holder(run_dir)
     if holder is not None:

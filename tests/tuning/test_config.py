@@ -219,11 +219,18 @@ def test_cli_rejects_file_as_storage(tmp_path, below, resume):
 
 
 @pytest.mark.parametrize("resume", [[], ["--resume"]], ids=["run", "resume"])
-def test_cli_rejects_file_as_run_folder(tmp_path, resume):
+@pytest.mark.parametrize("kind", ["file", "link-to-file", "broken-link"])
+def test_cli_rejects_non_folder_as_run_folder(tmp_path, kind, resume):
     storage = tmp_path / "runs"
     storage.mkdir()
-    blocker = storage / "quickstart"
-    blocker.write_text("not a folder")
+    run_dir = storage / "quickstart"
+    target = tmp_path / "target"
+    if kind == "file":
+        run_dir.write_text("not a folder")
+    else:
+        if kind == "link-to-file":
+            target.write_text("not a folder")
+        run_dir.symlink_to(target)
 
     completed = subprocess.run(
         [sys.executable, "-m", "tuning", "run", str(QUICKSTART), "--storage", str(storage), *resume],
@@ -231,9 +238,13 @@ def test_cli_rejects_file_as_run_folder(tmp_path, resume):
     )
 
     assert completed.returncode == 2
-    assert f"{blocker} is a file, so it cannot be the run folder of experiment 'quickstart'" in completed.stderr
+    if kind == "broken-link":
+        assert f"{run_dir} is a symbolic link to '{target}', which does not exist" in completed.stderr
+        assert not target.exists()
+    else:
+        assert f"{run_dir} is not a folder, so it cannot be the run folder of experiment 'quickstart'" in completed.stderr
+        assert (target if kind == "link-to-file" else run_dir).read_text() == "not a folder"
     assert "Traceback" not in completed.stderr
-    assert blocker.read_text() == "not a folder"
     assert sorted(path.name for path in storage.iterdir()) == ["quickstart"]
 
 
