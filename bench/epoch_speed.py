@@ -6,10 +6,10 @@ The head is built, compiled and fed exactly as a trial does it
 10,000 validation rows of random data (speed does not depend on the values).
 TensorFlow is configured as for a trial given all of this machine's CPUs
 (thread pools, Grappler off).
-For each batch size one `fit()` runs four epochs, as a trial runs its epochs
-in one `fit()`; the first, which traces the steps, is left out and the median
-of the other three is the epoch time. On a shared virtual
-machine a single epoch sometimes runs at half speed for a few seconds.
+For each batch size one `fit()` runs 1 + `--timed-epochs` epochs, as a trial
+runs all its epochs in one `fit()`. The first epoch traces the steps and is
+left out. The epoch time is the median of the others, because on two cores a
+stretch of a few seconds within an epoch sometimes runs at half speed.
 
 The limit is the epoch's FLOPs divided by the FLOP/s of one large float32
 matmul measured in the same run on the same threads:

@@ -13,14 +13,19 @@ SHAPE = (300, 40)
 STEPS = 50
 
 
-def _train(optimizer: keras.optimizers.Optimizer, start: np.ndarray, gradients: list[np.ndarray]) -> np.ndarray:
-    """Apply `gradients` one step at a time to a variable that starts at `start`, in a traced step as fit() runs it."""
-    variable = keras.Variable(start)
+def _train(
+    optimizer: keras.optimizers.Optimizer, start: np.ndarray, gradients: list[np.ndarray], dtype: str = "float32",
+) -> np.ndarray:
+    """Apply `gradients` one step at a time to a `dtype` variable that starts at `start`, in a traced step as fit() runs it.
+
+    Returns the final values as float32.
+    """
+    variable = keras.Variable(start, dtype=dtype)
     optimizer.build([variable])
     step = tf.function(lambda gradient: optimizer.apply_gradients([(gradient, variable)]))
     for gradient in gradients:
-        step(tf.constant(gradient))
-    return variable.numpy()
+        step(tf.constant(gradient, dtype=dtype))
+    return np.asarray(variable.numpy(), np.float32)
 
 
 def _schedule() -> keras.optimizers.schedules.LearningRateSchedule:
@@ -87,22 +92,14 @@ def test_16_bit_variables_use_keras_update(dtype) -> None:
 
     start = np.full(SHAPE, 0.5, np.float32)
     gradients = [np.full(SHAPE, 0.1, np.float32)] * 3
-    ours = _train_in_dtype(FusedAdam(learning_rate=1e-2), start, gradients, dtype)
-    theirs = _train_in_dtype(keras.optimizers.Adam(learning_rate=1e-2), start, gradients, dtype)
+    ours = _train(FusedAdam(learning_rate=1e-2), start, gradients, dtype)
+    theirs = _train(keras.optimizers.Adam(learning_rate=1e-2), start, gradients, dtype)
 
     np.testing.assert_array_equal(ours, theirs)
     if dtype == "float16":
         # In bfloat16 Keras' own bias correction rounds the step to 0, so only float16 moves.
         assert np.all(ours < 0.5)
 
-
-def _train_in_dtype(optimizer: keras.optimizers.Optimizer, start: np.ndarray, gradients: list[np.ndarray], dtype: str) -> np.ndarray:
-    variable = keras.Variable(start, dtype=dtype)
-    optimizer.build([variable])
-    step = tf.function(lambda gradient: optimizer.apply_gradients([(gradient, variable)]))
-    for gradient in gradients:
-        step(tf.constant(gradient, dtype=dtype))
-    return np.asarray(variable.numpy(), np.float32)
 
 
 def test_fused_optimizers_serialize() -> None:

@@ -268,7 +268,7 @@ print(json.dumps({"frozen_after_first": frozen_after_first, "frozen_after_second
 """
 
 
-def test_release_freezes_imports_once(tmp_path):
+def test_release_freezes_imports_once():
     completed = subprocess.run([sys.executable, "-c", RELEASE_SCRIPT], capture_output=True, text=True, timeout=120, cwd=REPOSITORY)
 
     assert completed.returncode == 0, completed.stderr[-2000:]
