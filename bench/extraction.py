@@ -8,7 +8,10 @@ folder in this process. A thread samples /proc/self/status every 0.1 s, so the p
 memory is split into anonymous memory (heap, TensorFlow, the images) and
 file-backed pages (the memory-mapped embedding files being written).
 
-    python bench/extraction.py [--backbone MobileNetV2] [--image-size 96] [--limit N]
+    python bench/extraction.py [--backbone MobileNetV2] [--image-size 96] [--precision float32] [--limit N]
+
+--precision mixed_float16 computes in float16 on float32 weights, as runs with a
+GPU do by default; on a CPU it is slower and serves only to check the script.
 
 --limit embeds only the first N images of each part, to check the script itself.
 """
@@ -90,11 +93,14 @@ def main() -> None:
     parser.add_argument("--backbone", default="MobileNetV2", help="Registry backbone name.")
     parser.add_argument("--image-size", type=int, default=96, help="Side in pixels the images are resized to.")
     parser.add_argument("--batch-size", type=int, default=256, help="Images per forward pass.")
+    parser.add_argument(
+        "--precision", choices=("float32", "mixed_float16"), default="float32", help="Precision the backbone computes in.",
+    )
     parser.add_argument("--limit", type=int, default=None, help="Embed only the first N images of each part.")
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
-    from models.backbones import PREPROCESSING_VERSION, build_feature_extractor, load_backbone
+    from models.backbones import PREPROCESSING_VERSION, build_feature_extractor, half_precision_copy, load_backbone
     from models.datasets import Dataset
     from models.features import cache_entry_size, embedding_cache_key, embeddings_path, extract_embeddings
 
@@ -115,8 +121,9 @@ def main() -> None:
     del arrays
 
     backbone = load_backbone(arguments.backbone, weights="none", image_size=arguments.image_size, seed=0)
-    extractor = build_feature_extractor(dataset.raw_shape, dataset.value_range, arguments.image_size, backbone.cnn)
-    key = embedding_cache_key(backbone.weights_key, dataset, arguments.image_size, PREPROCESSING_VERSION)
+    cnn = half_precision_copy(backbone.cnn) if arguments.precision == "mixed_float16" else backbone.cnn
+    extractor = build_feature_extractor(dataset.raw_shape, dataset.value_range, arguments.image_size, cnn)
+    key = embedding_cache_key(backbone.weights_key, dataset, arguments.image_size, PREPROCESSING_VERSION, arguments.precision)
     before_extraction = sampler.sample()
 
     with tempfile.TemporaryDirectory(prefix="frozen-tune-bench-cache-") as cache_dir:
@@ -133,6 +140,8 @@ def main() -> None:
     kilobyte = 1024
     summary = {
         "backbone": backbone.description,
+        "precision": arguments.precision,
+        "devices": _devices(),
         "images": images,
         "embedding_size": dimension,
         "batch_size": arguments.batch_size,
@@ -154,6 +163,13 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
     }
     print(json.dumps(summary, indent=2))
+
+
+def _devices() -> list[str]:
+    """Names of the devices TensorFlow places work on, GPUs first."""
+    import tensorflow as tf
+
+    return [device.name for device in tf.config.list_logical_devices("GPU") + tf.config.list_logical_devices("CPU")]
 
 
 if __name__ == "__main__":

@@ -39,6 +39,11 @@ SAVED_MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 # so models trained on their output expect that range by default.
 DEFAULT_SAVED_MODEL_INPUT_RANGE = (0.0, 255.0)
 
+# Precisions an extractor can compute in. MIXED_FLOAT16 is Keras' policy of
+# float16 arithmetic on float32 weights, which GPUs with tensor cores run faster.
+FLOAT32 = "float32"
+MIXED_FLOAT16 = "mixed_float16"
+
 
 class BackboneError(ValueError):
     """A backbone that cannot be built from the given name, weights, file or layer.

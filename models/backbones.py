@@ -33,7 +33,15 @@ import keras
 
 from models.applications import build_application_backbone
 from models.backbone_common import Backbone
-from models.backbone_specs import APPLICATIONS, BACKBONE_NAMES, SMALL_CNN_WEIGHTS, BackboneError, closest_name
+from models.backbone_specs import (
+    APPLICATIONS,
+    BACKBONE_NAMES,
+    FLOAT32,
+    MIXED_FLOAT16,
+    SMALL_CNN_WEIGHTS,
+    BackboneError,
+    closest_name,
+)
 from models.cache_keys import PREPROCESSING_VERSION, pretrained_small_cnn_description, random_small_cnn_description
 from models.datasets import Dataset
 from models.preprocessing import build_preprocessing
@@ -59,6 +67,7 @@ __all__ = [
     "BackboneError",
     "build_feature_extractor",
     "build_preprocessing",
+    "half_precision_copy",
     "build_random_small_cnn",
     "build_small_cnn",
     "load_backbone",
@@ -198,3 +207,48 @@ def build_feature_extractor(
     extractor.trainable = False
     return extractor
 
+
+
+def half_precision_copy(cnn: keras.Model) -> keras.Model:
+    """Return a copy of `cnn` that computes in float16 and keeps its weights in float32.
+
+    Every layer that computes in float32 gets Keras' mixed_float16 policy, and
+    the copy receives the original's weights. Input layers keep their dtype, so
+    the copy takes the same float32 images. Its outputs are float16.
+
+    Args:
+        cnn: A functional or sequential model of Keras' own layers.
+
+    Returns:
+        A new model with the same architecture and weights.
+
+    Raises:
+        BackboneError: If the model cannot be rebuilt from its config, for
+            example a subclassed model or one with custom layers.
+    """
+    try:
+        copy = type(cnn).from_config(_with_policy(cnn.get_config(), MIXED_FLOAT16))
+        copy.set_weights(cnn.get_weights())
+    except (NotImplementedError, TypeError, ValueError, KeyError) as error:
+        raise BackboneError(
+            f"The backbone {cnn.name!r} cannot be rebuilt to compute in {MIXED_FLOAT16} "
+            f"({type(error).__name__}: {error})."
+        ) from None
+    return copy
+
+
+def _with_policy(config: object, policy: str) -> object:
+    """Return a copy of a model config in which every float32 dtype policy is `policy`."""
+    if isinstance(config, list):
+        return [_with_policy(item, policy) for item in config]
+    if not isinstance(config, dict):
+        return config
+    rewritten = {}
+    for name, value in config.items():
+        if name == "dtype" and isinstance(value, dict) and value.get("class_name") == "DTypePolicy":
+            if value.get("config", {}).get("name") == FLOAT32:
+                value = {**value, "config": {**value["config"], "name": policy}}
+            rewritten[name] = value
+        else:
+            rewritten[name] = _with_policy(value, policy)
+    return rewritten

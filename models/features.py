@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from models.backbone_specs import FLOAT32
 from models.datasets import Dataset
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ def embedding_cache_key(
     dataset: Dataset,
     image_size: int,
     preprocessing_version: str,
+    precision: str = FLOAT32,
 ) -> str:
     """Compute the cache key of a dataset's embeddings.
 
@@ -70,6 +72,9 @@ def embedding_cache_key(
         dataset: Dataset whose images are embedded.
         image_size: Side length the images are resized to, in pixels.
         preprocessing_version: models.backbones.PREPROCESSING_VERSION.
+        precision: Precision the extractor computes in, "float32" or
+            "mixed_float16". Float32 keys are the same as before the
+            precision existed, so earlier cache entries stay valid.
 
     Returns:
         A sha256 hex digest that changes when any argument changes.
@@ -80,6 +85,8 @@ def embedding_cache_key(
         "image_size": int(image_size),
         "preprocessing_version": preprocessing_version,
     }
+    if precision != FLOAT32:
+        description["precision"] = precision
     encoded = json.dumps(description, sort_keys=True).encode()
     return hashlib.sha256(encoded).hexdigest()
 

@@ -85,7 +85,9 @@ class BackboneConfig(_Strict):
     are "pretrained" for small_cnn and "imagenet" for Keras Applications. The
     image_size is 32 for small_cnn, the ImageNet size for Keras Applications
     and the model's own input size for a saved model. Paths are resolved
-    against the current folder.
+    against the current folder. `precision` is what the embeddings are
+    computed in: "auto" picks mixed_float16 when the extraction has a GPU and
+    float32 otherwise.
     """
 
     name: str | None = Field(None, validate_default=True)
@@ -95,6 +97,7 @@ class BackboneConfig(_Strict):
     input_range: list[float] | None = Field(None, validate_default=True)
     image_size: int | None = Field(None, validate_default=True)
     pretrain: PretrainConfig = PretrainConfig()
+    precision: Literal["auto", "float32", "mixed_float16"] = "auto"
 
     @field_validator("name")
     @classmethod

@@ -23,7 +23,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from tuning import report
-from models.backbone_specs import SMALL_CNN, BackboneError
+from models.backbone_specs import FLOAT32, MIXED_FLOAT16, SMALL_CNN, BackboneError
 from tuning.config import ConfigError, ExperimentConfig, check_storage_writable, load_warm_start
 from tuning.evaluation import score_on_test
 from tuning.run_folder import check_run_folder, hold_run_folder, write_snapshot
@@ -70,6 +70,7 @@ class PreparedData:
     embedding_cache_hit: bool
     embedding_cache_path: str
     embedding_cache_bytes: int
+    embedding_precision: str
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,9 @@ def prepare_data(config: ExperimentConfig) -> tuple[PreparedData, EmbeddingData]
     memory-mapped files (models.features.extract_embeddings). The returned
     EmbeddingData contains those memory maps, so returning it from a Ray task
     copies the pages into the object store without another copy in memory.
-    Runs wherever it is called; `run_experiment` calls it as a Ray task.
+    The backbone computes in the precision that `extraction_precision` picks,
+    and each precision has its own cache entry. Runs wherever it is called;
+    `run_experiment` calls it as a Ray task.
 
     Raises:
         BackboneError: If the backbone cannot be built from the experiment's
@@ -122,33 +125,50 @@ def prepare_data(config: ExperimentConfig) -> tuple[PreparedData, EmbeddingData]
 
     cache_dir = config.cache_path()
     dataset = config.dataset.load()
+    image_size = config.backbone.image_size
+    precision = extraction_precision(config.backbone.precision)
     source = _pretraining_source(config)
     known = _cached_small_cnn_weights(config, source)
     key, embeddings = None, None
     if known is not None:
-        key = embedding_cache_key(known.key, dataset, config.backbone.image_size, PREPROCESSING_VERSION)
+        key = embedding_cache_key(known.key, dataset, image_size, PREPROCESSING_VERSION, precision)
         embeddings = load_cached_embeddings(cache_dir, key)
     if embeddings is not None:
         backbone_description, backbone_cache_hit, cache_hit = known.description, known.cached, True
     else:
-        from models.backbones import build_feature_extractor
+        from models.backbones import build_feature_extractor, half_precision_copy
         from models.features import extract_embeddings
 
         backbone = _load_backbone(config, source)
         backbone_description, backbone_cache_hit = backbone.description, backbone.cache_hit
-        backbone_key = embedding_cache_key(backbone.weights_key, dataset, config.backbone.image_size, PREPROCESSING_VERSION)
+        cnn = backbone.cnn
+        if precision == MIXED_FLOAT16:
+            try:
+                cnn = half_precision_copy(backbone.cnn)
+            except BackboneError as error:
+                if config.backbone.precision == MIXED_FLOAT16:
+                    raise BackboneError(f"{error} Set backbone.precision to {FLOAT32} or auto.") from None
+                logger.warning("%s Computing the embeddings in %s instead.", error, FLOAT32)
+                precision = FLOAT32
+        backbone_key = embedding_cache_key(backbone.weights_key, dataset, image_size, PREPROCESSING_VERSION, precision)
         if backbone_key != key:
             key = backbone_key
             embeddings = load_cached_embeddings(cache_dir, key)
         cache_hit = embeddings is not None
         if embeddings is None:
             started = time.monotonic()
-            extractor = build_feature_extractor(dataset.raw_shape, dataset.value_range, config.backbone.image_size, backbone.cnn)
+            extractor = build_feature_extractor(dataset.raw_shape, dataset.value_range, image_size, cnn)
             embeddings = extract_embeddings(
                 extractor, dataset, cache_dir, key,
-                description={"backbone": backbone.description, "dataset": config.dataset.name, "image_size": config.backbone.image_size},
+                description={
+                    "backbone": backbone.description, "dataset": config.dataset.name, "image_size": image_size,
+                    "precision": precision,
+                },
             )
-            logger.info("computed embeddings for %d images in %.1f s", len(dataset.x_train) + len(dataset.x_val), time.monotonic() - started)
+            logger.info(
+                "computed embeddings for %d images in %.1f s (%s)",
+                len(dataset.x_train) + len(dataset.x_val), time.monotonic() - started, precision,
+            )
 
     data = EmbeddingData.from_arrays(embeddings.train, dataset.y_train, embeddings.val, dataset.y_val, len(dataset.class_names))
     entry = embeddings_path(cache_dir, key)
@@ -167,8 +187,17 @@ def prepare_data(config: ExperimentConfig) -> tuple[PreparedData, EmbeddingData]
         embedding_cache_hit=cache_hit,
         embedding_cache_path=str(entry),
         embedding_cache_bytes=cache_entry_size(entry),
+        embedding_precision=precision,
     )
     return prepared, data
+
+
+def extraction_precision(setting: str) -> str:
+    """Resolve backbone.precision: "auto" is mixed_float16 when Ray gave the calling task a GPU, else float32."""
+    if setting != "auto":
+        return setting
+    has_gpu = ray.is_initialized() and bool(ray.get_gpu_ids())
+    return MIXED_FLOAT16 if has_gpu else FLOAT32
 
 
 class _KnownWeights(NamedTuple):
@@ -347,9 +376,9 @@ def run_experiment(config: ExperimentConfig, *, address: str | None = None, dash
         logger.info("experiment %s: preparing embeddings (backbone %s, dataset %s)", config.name, config.backbone.label, config.dataset.name)
         data, embeddings = _prepare_on_cluster(config)
         logger.info(
-            "embeddings: %d train and %d validation vectors of %d floats from %s; embeddings %s, cache entry %s (%.1f MB)",
+            "embeddings: %d train and %d validation vectors of %d floats from %s; embeddings %s (%s), cache entry %s (%.1f MB)",
             data.train_size, data.validation_size, data.embedding_size, data.backbone_description,
-            "reused from cache" if data.embedding_cache_hit else "computed", data.embedding_cache_path,
+            "reused from cache" if data.embedding_cache_hit else "computed", data.embedding_precision, data.embedding_cache_path,
             data.embedding_cache_bytes / 1e6,
         )
         with hold_run_folder(config):
@@ -725,6 +754,7 @@ def _data_summary(data: PreparedData) -> dict[str, Any]:
         "train_images": data.train_size, "validation_images": data.validation_size,
         "embedding_size": data.embedding_size, "classes": data.class_names, "backbone_description": data.backbone_description,
         "backbone_cache_hit": data.backbone_cache_hit, "embedding_cache_hit": data.embedding_cache_hit,
+        "embedding_precision": data.embedding_precision,
     }
 
 

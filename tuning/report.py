@@ -163,8 +163,8 @@ def write_report(
         f"- Dataset: `{config.dataset.name}`, classes {data_summary['classes']}, "
         f"{data_summary['train_images']} training and {data_summary['validation_images']} validation images",
         f"- Backbone: `{config.backbone.label}` ({data_summary['backbone_description']}), image size {config.backbone.image_size}, "
-        f"embeddings of {data_summary['embedding_size']} floats "
-        f"({'from the cache' if data_summary['embedding_cache_hit'] else 'computed in this run'})",
+        f"embeddings of {data_summary['embedding_size']} floats computed in {data_summary['embedding_precision']} "
+        f"({'from the cache' if data_summary['embedding_cache_hit'] else 'in this run'})",
         f"- Search: Gaussian process with `{config.search.acquisition}`, {config.search.initial_points} initial space-filling random points (Latin hypercube), "
         f"metric `{metric}` ({mode}), at most {config.search.max_concurrent} trials at a time, seed {config.search.seed}",
         f"- Training: at most {config.training.max_epochs} epochs, early stop after {config.training.patience} epochs "

@@ -13,12 +13,14 @@ from models.backbones import (
     build_feature_extractor,
     build_preprocessing,
     build_small_cnn,
+    half_precision_copy,
     load_backbone,
     pretrain_small_cnn,
     random_small_cnn_cache_key,
     small_cnn_cache_key,
 )
 from models.datasets import Dataset, load_dataset
+from models.backbone_specs import BackboneError
 from models.features import compute_embeddings
 
 
@@ -287,3 +289,55 @@ def test_extractor_rejects_mismatched_image_size(pretrained) -> None:
 
     with pytest.raises(ValueError, match=rf"but image_size={wrong_size} gives"):
         build_feature_extractor((8, 8), (0.0, 16.0), wrong_size, pretrained.cnn)
+
+
+def test_half_precision_copy_same_weights(pretrained, target: Dataset, trained_head) -> None:
+    half = half_precision_copy(pretrained.cnn)
+    extractor = build_feature_extractor(target.raw_shape, target.value_range, pretrained.image_size, pretrained.cnn)
+    half_extractor = build_feature_extractor(target.raw_shape, target.value_range, pretrained.image_size, half)
+
+    full = compute_embeddings(extractor, target.x_val)
+    halved = compute_embeddings(half_extractor, target.x_val)
+
+    computing = [layer for layer in half.layers if layer.weights]
+    assert computing and all(layer.compute_dtype == "float16" for layer in computing)
+    assert all(variable.dtype == "float32" for variable in half.weights)
+    for original, copied in zip(pretrained.cnn.get_weights(), half.get_weights()):
+        np.testing.assert_array_equal(original, copied)
+    assert half.output.dtype == "float16"
+    assert halved.dtype == np.float32
+    # float16 keeps about three significant digits.
+    scale = np.abs(full).max()
+    assert 0 < np.abs(halved - full).max() < 1e-2 * scale
+    # A head trained on float32 embeddings predicts the same classes from float16 ones.
+    predictions = trained_head.head.predict(full, verbose=0).argmax(axis=1)
+    half_predictions = trained_head.head.predict(halved, verbose=0).argmax(axis=1)
+    assert np.mean(predictions == half_predictions) >= 0.99
+
+
+def test_half_precision_copy_application_input() -> None:
+    backbone = load_backbone("MobileNetV2", weights="none", image_size=32, seed=0)
+
+    half = half_precision_copy(backbone.cnn)
+
+    assert half.input.dtype == "float32"
+    assert half.output.dtype == "float16"
+    assert len(half.weights) == len(backbone.cnn.weights)
+    assert backbone.cnn.output.dtype == "float32"
+
+
+class _Subclassed(keras.Model):
+    def __init__(self) -> None:
+        super().__init__(name="subclassed_cnn")
+        self.dense = keras.layers.Dense(4)
+
+    def call(self, inputs):
+        return self.dense(inputs)
+
+
+def test_half_precision_copy_subclassed_model() -> None:
+    model = _Subclassed()
+    model(np.zeros((1, 3), np.float32))
+
+    with pytest.raises(BackboneError, match=r"'subclassed_cnn' cannot be rebuilt to compute in mixed_float16"):
+        half_precision_copy(model)

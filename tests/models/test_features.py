@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -131,12 +132,25 @@ def test_embedding_cache_key_changes_with_each_input() -> None:
         "dataset classes": embedding_cache_key(WEIGHTS_KEY, load_dataset("digits", classes=[5, 6, 7, 8], seed=0), 16, PREPROCESSING_VERSION),
         "image size": embedding_cache_key(WEIGHTS_KEY, dataset, 32, PREPROCESSING_VERSION),
         "preprocessing version": embedding_cache_key(WEIGHTS_KEY, dataset, 16, PREPROCESSING_VERSION + "-next"),
+        "precision": embedding_cache_key(WEIGHTS_KEY, dataset, 16, PREPROCESSING_VERSION, "mixed_float16"),
     }
 
     assert embedding_cache_key(WEIGHTS_KEY, load_dataset("digits", classes=[5, 6, 7, 8, 9], seed=0), 16, PREPROCESSING_VERSION) == base
     for name, key in variants.items():
         assert key != base, name
     assert len(set(variants.values())) == len(variants)
+
+
+def test_float32_cache_key_unchanged() -> None:
+    # Entries cached before the key had a precision are float32 ones and stay valid.
+    dataset = load_dataset("digits", classes=[5, 6, 7, 8, 9], seed=0)
+    earlier = {
+        "extractor_weights_key": WEIGHTS_KEY, "dataset": dataset.fingerprint(), "image_size": 16,
+        "preprocessing_version": PREPROCESSING_VERSION,
+    }
+    expected = hashlib.sha256(json.dumps(earlier, sort_keys=True).encode()).hexdigest()
+
+    assert embedding_cache_key(WEIGHTS_KEY, dataset, 16, PREPROCESSING_VERSION, "float32") == expected
 
 
 @pytest.mark.parametrize(

@@ -115,6 +115,7 @@ def test_saved_model_defaults(files: dict[str, Path]) -> None:
         ({"path": "model.onnx"}, "backbone.path: path 'model.onnx' must be a saved Keras model ending in .keras or .h5"),
         ({"name": "ResNet50", "path": "model.keras"}, "backbone.path: set either name (a backbone from the registry) or path (a saved model), not both"),
         ({"nmae": "ResNet50"}, "backbone.nmae: unknown key (did you mean 'name'?)"),
+        ({"name": "small_cnn", "precision": "float16"}, "backbone.precision: Input should be 'auto', 'float32' or 'mixed_float16' (got 'float16')"),
     ],
     ids=lambda value: str(value)[:40],
 )

@@ -1,4 +1,4 @@
-"""prepare_data finds cached small_cnn embeddings without TensorFlow, and recovers from damaged cache files."""
+"""prepare_data finds cached small_cnn embeddings without TensorFlow, keeps each precision apart, and recovers from damaged cache files."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ prepared, data = experiment.prepare_data(parse_experiment(json.loads(sys.argv[1]
 print(json.dumps({
     "description": prepared.backbone_description, "backbone_cache_hit": prepared.backbone_cache_hit,
     "embedding_cache_hit": prepared.embedding_cache_hit, "path": prepared.embedding_cache_path,
+    "precision": prepared.embedding_precision,
     "train_sum": float(data.train.sum()), "val_sum": float(data.val.sum()),
     "tensorflow": "tensorflow" in sys.modules,
 }))
@@ -67,6 +68,30 @@ def test_cache_hit_needs_no_tensorflow(tmp_path, weights):
     assert hit["backbone_cache_hit"] is (weights == "pretrained")
     assert hit["train_sum"] == first["train_sum"]
     assert hit["val_sum"] == first["val_sum"]
+
+
+def test_mixed_precision_separate_cache_entry(tmp_path):
+    data = experiment(tmp_path / "cache", "pretrained")
+    mixed_data = {**data, "backbone": {**data["backbone"], "precision": "mixed_float16"}}
+
+    automatic = prepare(data)
+    mixed = prepare(mixed_data)
+    mixed_again = prepare(mixed_data)
+    float32 = prepare({**data, "backbone": {**data["backbone"], "precision": "float32"}})
+
+    # Outside a Ray task with a GPU, "auto" computes in float32.
+    assert automatic["precision"] == "float32"
+    assert float32["embedding_cache_hit"] is True
+    assert float32["path"] == automatic["path"]
+    assert mixed["precision"] == "mixed_float16"
+    assert mixed["embedding_cache_hit"] is False
+    assert mixed["path"] != automatic["path"]
+    assert json.loads((Path(mixed["path"]) / "manifest.json").read_text())["description"]["precision"] == "mixed_float16"
+    assert mixed["train_sum"] != automatic["train_sum"]
+    assert mixed["train_sum"] == pytest.approx(automatic["train_sum"], rel=1e-3)
+    assert mixed_again["embedding_cache_hit"] is True
+    assert mixed_again["tensorflow"] is False
+    assert mixed_again["train_sum"] == mixed["train_sum"]
 
 
 def test_missing_weights_file_builds_backbone(tmp_path):
