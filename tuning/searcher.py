@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import numbers
 import pickle
 from typing import Any, Callable
 
@@ -73,8 +74,10 @@ class GaussianProcessSearcher(Searcher):
     While trials are running, the acquisition function is multiplied by a
     local penalty around each of them (González et al., 2016), so concurrent
     trials get different configurations near the promising region.
-    Failed trials and trials whose metric is NaN or infinite are never
-    registered. `mode="min"` is handled by negating the metric internally.
+    A failed trial, or one whose metric is NaN or infinite, enters the GP
+    at the worst value observed so far, so the search moves away from
+    configurations that diverge instead of suggesting them again.
+    `mode="min"` is handled by negating the metric internally.
 
     Args:
         space: The search space: a `SearchSpace`, or a dictionary of Ray Tune
@@ -133,8 +136,15 @@ class GaussianProcessSearcher(Searcher):
             raise ValueError(f"initial_points must be an integer >= 0, got {initial_points!r}")
         if xi is None:
             xi = DEFAULT_PI_XI if acquisition_function == "pi" else 0.0
-        if xi < 0 or kappa < 0:
-            raise ValueError(f"xi and kappa must be >= 0, got xi={xi!r}, kappa={kappa!r}")
+        for name, margin in (("xi", xi), ("kappa", kappa)):
+            if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not 0 <= margin < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {margin!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
+            raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
+        if points_to_evaluate is not None and (
+            not isinstance(points_to_evaluate, list) or not all(isinstance(point, dict) for point in points_to_evaluate)
+        ):
+            raise ValueError(f"points_to_evaluate must be a list of dictionaries, got {points_to_evaluate!r}")
         super().__init__(metric=metric, mode=mode)
 
         self._initial_points = initial_points
@@ -153,6 +163,7 @@ class GaussianProcessSearcher(Searcher):
         self._pending: dict[str, dict[str, Any]] = {}
         self._best_reported: dict[str, float] = {}
         self._failed_trials: dict[str, str] = {}
+        self._failed_configs: list[dict[str, Any]] = []
         self._exhausted_warned = False
         self._gp_announced = False
         self._kernel_theta: np.ndarray | None = None
@@ -208,7 +219,7 @@ class GaussianProcessSearcher(Searcher):
             self._best_reported[trial_id] = value
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        """Register a finished trial's best reported value; skip failed or non-finite trials."""
+        """Register a finished trial's best reported value, or a failed or non-finite trial as a failure."""
         config = self._pending.pop(trial_id, None)
         best = self._best_reported.pop(trial_id, None)
         if config is None:
@@ -216,13 +227,15 @@ class GaussianProcessSearcher(Searcher):
 
         if error or (result and result.get(FAILURE_KEY)):
             self._failed_trials[trial_id] = str(result.get(FAILURE_KEY)) if result and result.get(FAILURE_KEY) else "the trial raised an error"
-            logger.info("trial %s failed; its configuration is not registered with the GP", trial_id)
+            self._failed_configs.append(config)
+            logger.info("trial %s failed; the GP takes its configuration as the worst one seen", trial_id)
             return
         final = self._finite_metric(result) if result is not None else None
         if final is None:
             self._failed_trials[trial_id] = f"metric {self._metric!r} missing, NaN or infinite"
+            self._failed_configs.append(config)
             logger.warning(
-                "trial %s ended with %s = %r; not registered with the GP",
+                "trial %s ended with %s = %r; the GP takes its configuration as the worst one seen",
                 trial_id, self._metric, None if result is None else result.get(self._metric),
             )
             return
@@ -255,7 +268,8 @@ class GaussianProcessSearcher(Searcher):
         return copy.deepcopy(state)
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(copy.deepcopy(state))
+        # States saved before failed configurations were kept have none.
+        self.__dict__.update({"_failed_configs": [], **copy.deepcopy(state)})
 
     def save(self, checkpoint_path: str) -> None:
         """Write the whole searcher state (observations, pending trials, random state) to a file."""
@@ -316,7 +330,7 @@ class GaussianProcessSearcher(Searcher):
         return value if math.isfinite(value) else None
 
     def _used_keys(self) -> set[tuple]:
-        configs = [config for config, _ in self._observations] + list(self._pending.values())
+        configs = [config for config, _ in self._observations] + list(self._pending.values()) + self._failed_configs
         return {self._space.key(config) for config in configs}
 
     def _space_exhausted(self, used_keys: set[tuple]) -> bool:
@@ -505,13 +519,22 @@ class GaussianProcessSearcher(Searcher):
         return np.clip(moved, 0.0, 1.0)
 
     def _build_target_space(self) -> TargetSpace:
-        """Register the transformed observations, one per distinct configuration, as GP training data."""
+        """Register the transformed observations, one per distinct configuration, as GP training data.
+
+        A failed configuration that never finished counts as the worst observed value.
+        """
         grouped: dict[tuple, list[float]] = {}
         features_by_key: dict[tuple, np.ndarray] = {}
         for config, value in self._observations:
             key = self._space.key(config)
             grouped.setdefault(key, []).append(self._sign * value)
             features_by_key[key] = self._space.to_features(config)
+        worst = min(min(values) for values in grouped.values())
+        for config in self._failed_configs:
+            key = self._space.key(config)
+            if key not in grouped:
+                grouped[key] = [worst]
+                features_by_key[key] = self._space.to_features(config)
 
         keys = list(grouped)
         targets = transform_targets(np.array([np.mean(grouped[key]) for key in keys]))

@@ -98,9 +98,10 @@ class Parameter:
             return self.values[min(int(u * len(self.values)), len(self.values) - 1)]
         if self.kind == "int":
             if self.log:
-                # Bins in log space: [low - 0.5, high + 0.5] keeps end values as likely as their neighbours.
-                log_low, log_high = math.log10(self.low - 0.5), math.log10(self.high + 0.5)
-                value = round(10 ** (log_low + u * (log_high - log_low)))
+                # Value v takes [log v, log(v + 1)) of [log low, log(high + 1)), so every decade
+                # gets its share of [0, 1] and the end values get whole bins.
+                log_low, log_high = self._log_int_range()
+                value = math.floor(10 ** (log_low + u * (log_high - log_low)))
             else:
                 value = int(self.low) + min(int(u * self.cardinality), self.cardinality - 1)
             return int(min(max(value, int(self.low)), int(self.high)))
@@ -114,8 +115,9 @@ class Parameter:
         if self.kind == "choice":
             return (self.index_of(value) + 0.5) / len(self.values)
         if self.kind == "int" and self.log:
-            log_low, log_high = math.log10(self.low - 0.5), math.log10(self.high + 0.5)
-            return (math.log10(value) - log_low) / (log_high - log_low)
+            log_low, log_high = self._log_int_range()
+            centre = (math.log10(value) + math.log10(value + 1)) / 2
+            return (centre - log_low) / (log_high - log_low)
         if self.kind == "int":
             return (int(value) - int(self.low) + 0.5) / self.cardinality
         return float(self.to_features(value)[0])
@@ -129,8 +131,8 @@ class Parameter:
                 return self._ranks()[indices][:, None]
             return np.eye(len(self.values))[indices]
         if self.kind == "int" and self.log:
-            log_low, log_high = math.log10(self.low - 0.5), math.log10(self.high + 0.5)
-            values = np.clip(np.round(10 ** (log_low + units * (log_high - log_low))), self.low, self.high)
+            log_low, log_high = self._log_int_range()
+            values = np.clip(np.floor(10 ** (log_low + units * (log_high - log_low))), self.low, self.high)
             positions = (np.log10(values) - math.log10(self.low)) / (math.log10(self.high) - math.log10(self.low))
             return positions[:, None]
         if self.kind == "int":
@@ -166,6 +168,10 @@ class Parameter:
         if self.kind == "int":
             return int(min(max(round(value), int(self.low)), int(self.high)))
         return float(min(max(value, self.low), self.high))
+
+    def _log_int_range(self) -> tuple[float, float]:
+        """Return log10 of the ends of a log-spaced int range, [low, high + 1)."""
+        return math.log10(self.low), math.log10(self.high + 1)
 
     def index_of(self, value: Any) -> int:
         """Return the position of a `choice` value, matching 64 and 64.0 alike."""

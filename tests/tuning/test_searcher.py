@@ -159,7 +159,7 @@ def test_small_discrete_space_never_stops():
     assert len(distinct) == 6
 
 
-def test_nan_and_errors_not_registered():
+def test_failed_trials_kept_apart():
     searcher = GaussianProcessSearcher(HEAD_LIKE_SPACE, metric="loss", mode="min", seed=0)
     for index in range(4):
         searcher.suggest(f"t{index}")
@@ -171,6 +171,52 @@ def test_nan_and_errors_not_registered():
     assert [value for _, value in searcher.observations] == [0.5]
     assert set(searcher.failed_trials) == {"t0", "t1", "t2"}
     assert searcher.pending_trials == {}
+
+
+def test_failing_region_avoided():
+    # Learning rates above 0.02 diverge, and the best one, 0.015, lies just below them.
+    for seed in range(3):
+        searcher = GaussianProcessSearcher({"lr": tune.loguniform(1e-4, 1e-1)}, metric="loss", mode="min", seed=seed)
+        failures, best = 0, math.inf
+        for index in range(30):
+            learning_rate = searcher.suggest(f"t{index}")["lr"]
+            loss = float("nan") if learning_rate > 0.02 else (math.log10(learning_rate) - math.log10(0.015)) ** 2
+            failures += math.isnan(loss)
+            best = best if math.isnan(loss) else min(best, loss)
+            searcher.on_trial_complete(f"t{index}", {"loss": loss})
+
+        assert failures <= 5, seed
+        assert best < 1e-3, seed
+        assert len(searcher.failed_trials) == failures
+
+
+def test_failing_configuration_not_repeated():
+    space = {"a": tune.choice([1, 2, 3, 4]), "b": tune.choice([0, 1])}
+    searcher = GaussianProcessSearcher(space, metric="loss", mode="min", initial_points=3, seed=0)
+    configs = []
+    for index in range(8):
+        config = searcher.suggest(f"t{index}")
+        configs.append((config["a"], config["b"]))
+        failed = configs[-1] == (4, 1)
+        searcher.on_trial_complete(f"t{index}", None if failed else {"loss": config["a"] + config["b"]}, error=failed)
+
+    assert configs.count((4, 1)) == 1
+    assert len(set(configs)) == 8
+
+
+def test_log_int_spreads_over_decades():
+    # Searches avoid repeating values, so the mapping from uniform draws is tested directly.
+    space, _ = SearchSpace.from_tune_config({"units": tune.lograndint(1, 1000)})
+    parameter = space.parameters[0]
+    values = np.array([parameter.from_unit(u) for u in np.random.default_rng(0).random(6000)])
+    shares = np.bincount(np.floor(np.log10(values)).astype(int), minlength=3) / len(values)
+
+    assert values.min() == 1
+    assert values.max() == 999
+    assert len(shares) == 3
+    assert np.abs(shares - 1 / 3).max() < 0.03
+    # Value 1 takes [log 1, log 2) of [log 1, log 1000), as in Ray's own sampler.
+    assert abs(np.mean(values == 1) - math.log10(2) / 3) < 0.02
 
 
 def test_best_reported_value_registered():
@@ -223,6 +269,33 @@ def test_space_through_set_search_properties():
 def test_unsupported_domains_rejected(space, message):
     with pytest.raises(ValueError, match=message):
         GaussianProcessSearcher(space, metric="loss", mode="min")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        ({"xi": float("inf")}, "xi must be a finite number >= 0, got inf"),
+        ({"xi": "a"}, "xi must be a finite number >= 0, got 'a'"),
+        ({"acquisition_function": "ucb", "kappa": float("nan")}, "kappa must be a finite number >= 0, got nan"),
+        ({"kappa": -1.0}, "kappa must be a finite number >= 0, got -1.0"),
+        ({"seed": -1}, "seed must be None or an integer >= 0, got -1"),
+        ({"seed": 1.5}, "seed must be None or an integer >= 0, got 1.5"),
+        ({"seed": True}, "seed must be None or an integer >= 0, got True"),
+        ({"points_to_evaluate": {"lr": 0.01}}, "points_to_evaluate must be a list of dictionaries, got {'lr': 0.01}"),
+    ],
+    ids=lambda value: str(value)[:30],
+)
+def test_invalid_argument_named(arguments, expected):
+    with pytest.raises(ValueError) as raised:
+        GaussianProcessSearcher({"lr": tune.loguniform(1e-4, 1e-1)}, metric="loss", mode="min", **arguments)
+
+    assert str(raised.value) == expected
+
+
+def test_numpy_seed_accepted():
+    searcher = GaussianProcessSearcher({"lr": tune.loguniform(1e-4, 1e-1)}, metric="loss", mode="min", seed=np.int64(3))
+
+    assert searcher.suggest("t0") == GaussianProcessSearcher({"lr": tune.loguniform(1e-4, 1e-1)}, metric="loss", mode="min", seed=3).suggest("t0")
 
 
 def test_suggest_without_space_fails_clearly():
