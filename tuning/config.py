@@ -9,6 +9,7 @@ module imports neither Ray nor TensorFlow, so errors appear within a second.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import tempfile
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, ValidationInfo, field_validator, model_validator
 
 from models.backbone_specs import (
     APPLICATION_WEIGHTS,
@@ -367,11 +368,12 @@ ParameterConfig = Annotated[
 class SearchConfig(_Strict):
     metric: str = "val_loss"
     mode: Literal["min", "max"] | None = None
-    num_trials: int = Field(30, ge=1)
-    max_concurrent: int = Field(2, ge=1)
-    initial_points: int = Field(5, ge=0)
+    # StrictInt, because YAML's true would otherwise pass as 1.
+    num_trials: StrictInt = Field(30, ge=1)
+    max_concurrent: StrictInt = Field(2, ge=1)
+    initial_points: StrictInt = Field(5, ge=0)
     acquisition: Literal["ei", "ucb", "pi"] = "ei"
-    seed: int | None = 0
+    seed: StrictInt | None = Field(0, ge=0)
     space: dict[str, ParameterConfig] = Field(min_length=1)
     points_to_evaluate: list[dict[str, Any]] = []
     warm_start: str | None = None
@@ -401,6 +403,7 @@ class SearchConfig(_Strict):
 
     @model_validator(mode="after")
     def _points_inside_space(self) -> SearchConfig:
+        problems = []
         for index, point in enumerate(self.points_to_evaluate):
             missing = sorted(set(self.space) - set(point))
             unknown = sorted(set(point) - set(self.space))
@@ -409,14 +412,38 @@ class SearchConfig(_Strict):
                     f"points_to_evaluate[{index}] must set exactly the parameters of the space; "
                     f"missing: {missing}, unknown: {unknown}"
                 )
+            for name, parameter in self.space.items():
+                problem = _value_problem(point[name], parameter)
+                if problem:
+                    problems.append(f"points_to_evaluate[{index}].{name}: {problem}")
+        if problems:
+            raise ValueError("; ".join(problems) + "; give values inside search.space")
         return self
 
 
+def _value_problem(value: Any, parameter: Any) -> str | None:
+    """Describe why `value` is not a value of the search-space parameter, or return None when it is."""
+    if isinstance(parameter, ChoiceParameter):
+        same_kind = [choice for choice in parameter.values if isinstance(choice, bool) == isinstance(value, bool)]
+        if value in same_kind:
+            return None
+        return f"{value!r} is not one of the choices {parameter.values}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{value!r} is not a number"
+    if not math.isfinite(value):
+        return f"{value!r} is not a finite number"
+    if isinstance(parameter, IntParameter) and value != int(value):
+        return f"{value!r} is not a whole number"
+    if not parameter.low <= value <= parameter.high:
+        return f"{value!r} is outside the {parameter.type} range [{parameter.low}, {parameter.high}]"
+    return None
+
+
 class TrainingConfig(_Strict):
-    max_epochs: int = Field(30, ge=1)
-    patience: int = Field(5, ge=1)
+    max_epochs: StrictInt = Field(30, ge=1)
+    patience: StrictInt = Field(5, ge=1)
     # Retries of a trial whose worker or node died, each from its last checkpoint.
-    max_failures: int = Field(2, ge=0)
+    max_failures: StrictInt = Field(2, ge=0)
     # Seconds between checkpoints of a running trial's best weights (0: at every improving
     # epoch). Every trial also checkpoints its last epoch, and ASHA checkpoints every improvement.
     checkpoint_seconds: float = Field(10.0, ge=0.0, allow_inf_nan=False)

@@ -71,7 +71,46 @@ MALFORMED = [
     ("empty storage", changed("storage", ""), "storage: storage is empty; give a folder such as ./runs"),
     ("fixed and tuned", changed("head", {"dropout": 0.1}), "both fixed in head and tuned"),
     ("point outside space", changed("search.points_to_evaluate", [{"dropout": 0.1}]), "points_to_evaluate[0]"),
+    ("negative seed", changed("search.seed", -1), "search.seed: Input should be greater than or equal to 0 (got -1)"),
+    ("true seed", changed("search.seed", True), "search.seed: Input should be a valid integer (got True)"),
+    ("true initial points", changed("search.initial_points", True), "search.initial_points: Input should be a valid integer (got True)"),
+    ("true epochs", changed("training.max_epochs", True), "training.max_epochs: Input should be a valid integer (got True)"),
 ]
+
+
+def point(**values) -> dict:
+    """A point of the quickstart's space, with `values` replacing its defaults."""
+    defaults = {
+        "learning_rate": 0.01, "decay_rate": 0.5, "dropout": 0.2, "units_1": 64, "units_2": 32, "units_3": 16,
+        "l2": 1.0e-4, "batch_size": 64,
+    }
+    return {**defaults, **values}
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"learning_rate": 1.0}, "points_to_evaluate[0].learning_rate: 1.0 is outside the loguniform range [0.0001, 0.1]"),
+        ({"learning_rate": "fast"}, "points_to_evaluate[0].learning_rate: 'fast' is not a number"),
+        ({"learning_rate": float("nan")}, "points_to_evaluate[0].learning_rate: nan is not a finite number"),
+        ({"units_1": 40.5}, "points_to_evaluate[0].units_1: 40.5 is not a whole number"),
+        ({"units_1": True}, "points_to_evaluate[0].units_1: True is not a number"),
+        ({"batch_size": 48}, "points_to_evaluate[0].batch_size: 48 is not one of the choices [32, 64, 128, 256]"),
+    ],
+    ids=lambda value: str(value)[:30],
+)
+def test_point_value_outside_space(values, expected):
+    with pytest.raises(ConfigError) as raised:
+        parse_experiment(changed("search.points_to_evaluate", [point(**values)]))
+
+    assert expected in str(raised.value)
+    assert "give values inside search.space" in str(raised.value)
+
+
+def test_point_whole_float_accepted():
+    config = parse_experiment(changed("search.points_to_evaluate", [point(units_1=64.0)]))
+
+    assert config.search.points_to_evaluate[0]["units_1"] == 64.0
 
 
 @pytest.mark.parametrize(("data", "expected"), [case[1:] for case in MALFORMED], ids=[case[0] for case in MALFORMED])
