@@ -9,6 +9,7 @@ module imports neither Ray nor TensorFlow, so errors appear within a second.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import re
@@ -394,6 +395,13 @@ class SearchConfig(_Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return space
+
+    @field_validator("warm_start")
+    @classmethod
+    def _warm_start_named(cls, warm_start: str | None) -> str | None:
+        if warm_start is not None and not warm_start.strip():
+            raise ValueError("warm_start is empty; give the results.csv of an earlier run or remove warm_start")
+        return warm_start
 
     @model_validator(mode="after")
     def _default_mode(self) -> SearchConfig:
@@ -814,7 +822,10 @@ def load_warm_start(config: ExperimentConfig) -> list[tuple[dict[str, Any], floa
     The file must have a column for every parameter of the current search
     space and `best_<metric>`. It must not tune a head hyperparameter that
     the current space leaves out, and every value must lie inside the current
-    bounds. Failed trials and non-finite values are skipped.
+    bounds. When the earlier run's experiment.json lies beside the file, that
+    run must have optimised the same metric in the same mode, and each
+    parameter must have had the same type. Failed trials and non-finite
+    metric values are skipped.
 
     Returns:
         (configuration, metric value) pairs, in the metric's own sign.
@@ -824,14 +835,14 @@ def load_warm_start(config: ExperimentConfig) -> list[tuple[dict[str, Any], floa
     """
     if config.search.warm_start is None:
         return []
-    import math
-
     import pandas as pd
 
     from tuning.report import STATUS_COMPLETED
 
     path = Path(config.search.warm_start).expanduser()
     field = f"search.warm_start: {str(path)!r}"
+    if path.is_dir():
+        raise ConfigError(f"{field} is a folder; give the results.csv inside it, such as {str(path / 'results.csv')!r}")
     if not path.is_file():
         raise ConfigError(f"{field} not found; give the results.csv of an earlier run")
     try:
@@ -840,6 +851,7 @@ def load_warm_start(config: ExperimentConfig) -> list[tuple[dict[str, Any], floa
         raise ConfigError(f"{field} is not a readable CSV file: {error}") from None
 
     space = config.search.space
+    _check_earlier_search(path, config.search, field)
     metric_column = f"best_{config.search.metric}"
     missing = [name for name in [*space, metric_column] if name not in frame.columns]
     if missing:
@@ -870,6 +882,47 @@ def load_warm_start(config: ExperimentConfig) -> list[tuple[dict[str, Any], floa
     return observations
 
 
+def _check_earlier_search(path: Path, search: SearchConfig, field: str) -> None:
+    """Compare the search section of the experiment.json beside `path`, if any, with `search`.
+
+    A results.csv records each metric at the epoch that was best for the
+    earlier run's metric and mode, so its values mean something else under
+    another metric or mode.
+
+    Raises:
+        ConfigError: naming each difference in metric, mode or parameter type.
+    """
+    snapshot = path.parent / "experiment.json"
+    try:
+        earlier = json.loads(snapshot.read_text())["search"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    problems = []
+    if (earlier.get("metric"), earlier.get("mode")) != (search.metric, search.mode):
+        problems.append(
+            f"that run optimised {earlier.get('metric')} ({earlier.get('mode')}) and this one optimises "
+            f"{search.metric} ({search.mode}); its best_ values are those of the epochs best for {earlier.get('metric')}"
+        )
+    for name, parameter in search.space.items():
+        before = (earlier.get("space") or {}).get(name)
+        if not isinstance(before, dict):
+            continue
+        kinds = (_parameter_kind(before), _parameter_kind(parameter.model_dump()))
+        if kinds[0] != kinds[1]:
+            problems.append(f"{name} was {kinds[0]} in that run and is {kinds[1]} now")
+    if problems:
+        raise ConfigError(
+            f"{field} comes from a different search ({snapshot}):\n" + "\n".join(f"  {problem}" for problem in problems)
+            + "\n  warm-start from a run with the same metric, mode and parameter types, or remove warm_start"
+        )
+
+
+def _parameter_kind(parameter: dict[str, Any]) -> str:
+    """Name a parameter's type as the experiment file writes it, with `log` for log-spaced ints."""
+    kind = str(parameter.get("type"))
+    return f"{kind} (log: true)" if kind == "int" and parameter.get("log") else kind
+
+
 def _warm_start_value(value: Any, parameter: Any, where: str) -> Any:
     """Convert one cell to the parameter's type and check it against the current bounds.
 
@@ -883,6 +936,10 @@ def _warm_start_value(value: Any, parameter: Any, where: str) -> Any:
         raise ValueError(f"{where}: {value!r} is not one of the current choices {parameter.values}")
     if not _is_number(value):
         raise ValueError(f"{where}: {value!r} is not a number")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{where}: {value!r} is not a finite number")
+    if isinstance(parameter, IntParameter) and float(value) != round(float(value)):
+        raise ValueError(f"{where}: {value!r} is not a whole number")
     number = int(round(float(value))) if isinstance(parameter, IntParameter) else float(value)
     if not parameter.low <= number <= parameter.high:
         raise ValueError(f"{where}: {number!r} is outside the current range [{parameter.low}, {parameter.high}]")

@@ -479,7 +479,12 @@ def _run_tuner(config: ExperimentConfig, embeddings: Any, *, resume: bool) -> tu
         searcher.add_evaluated_point(point, value)
     if warm_start:
         logger.info("warm start: registered %d finished trials from %s", len(warm_start), search.warm_start)
-    elif search.num_trials <= search.initial_points:
+    elif search.warm_start is not None:
+        logger.warning(
+            "warm start: %s has no completed trial with a finite best_%s; the search starts without earlier trials",
+            search.warm_start, search.metric,
+        )
+    if not warm_start and search.num_trials <= search.initial_points:
         logger.warning(
             "search.num_trials (%d) is not above search.initial_points (%d): every trial is a random point and the "
             "Gaussian process chooses none; raise num_trials or lower initial_points",

@@ -121,3 +121,83 @@ def test_check_command_reads_warm_start(tmp_path):
     assert completed.returncode == 2
     assert "search.warm_start" in completed.stderr
     assert "not found" in completed.stderr
+
+
+def earlier_snapshot(tmp_path: Path, change=None) -> None:
+    """Write the experiment.json of the run that produced results.csv: the quickstart, changed by `change`."""
+    data = yaml.safe_load(QUICKSTART.read_text())
+    if change:
+        change(data)
+    (tmp_path / "experiment.json").write_text(parse_experiment(data).model_dump_json())
+
+
+def test_same_search_snapshot_accepted(tmp_path):
+    earlier_snapshot(tmp_path)
+
+    assert len(load_warm_start(config_with(tmp_path, EARLIER_RUN))) == 5
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"mode": "max"}, "that run optimised val_loss (max) and this one optimises val_loss (min)"),
+        ({"metric": "val_accuracy", "mode": "max"}, "that run optimised val_accuracy (max) and this one optimises val_loss (min)"),
+        ({"space.decay_rate": {"type": "int", "low": 0, "high": 1}}, "decay_rate was int in that run and is uniform now"),
+        ({"space.units_1": {"type": "int", "low": 32, "high": 512, "log": True}}, "units_1 was int (log: true) in that run and is int now"),
+        ({"space.learning_rate": {"type": "uniform", "low": 1.0e-4, "high": 1.0e-1}}, "learning_rate was uniform in that run and is loguniform now"),
+        ({"space.batch_size": {"type": "int", "low": 32, "high": 256}}, "batch_size was int in that run and is choice now"),
+    ],
+    ids=lambda value: str(value)[:30],
+)
+def test_different_earlier_search_rejected(tmp_path, change, expected):
+    def apply(data):
+        for key, value in change.items():
+            if key.startswith("space."):
+                data["search"]["space"][key.removeprefix("space.")] = value
+            else:
+                data["search"][key] = value
+
+    earlier_snapshot(tmp_path, apply)
+
+    with pytest.raises(ConfigError) as raised:
+        load_warm_start(config_with(tmp_path, EARLIER_RUN))
+
+    assert expected in str(raised.value)
+    assert "warm-start from a run with the same metric, mode and parameter types, or remove warm_start" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "expected"),
+    [
+        ("units_1", 24.6, "row 2, units_1: 24.6 is not a whole number"),
+        ("units_1", float("nan"), "row 2, units_1: nan is not a finite number"),
+        ("dropout", float("inf"), "row 2, dropout: inf is not a finite number"),
+    ],
+)
+def test_bad_parameter_value_named(tmp_path, column, value, expected):
+    frame = EARLIER_RUN.copy()
+    frame[column] = frame[column].astype(float)
+    frame.loc[0, column] = value
+
+    with pytest.raises(ConfigError) as raised:
+        load_warm_start(config_with(tmp_path, frame))
+
+    assert expected in str(raised.value)
+
+
+def test_folder_rejected_with_file_named(tmp_path):
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["search"]["warm_start"] = str(tmp_path)
+
+    with pytest.raises(ConfigError) as raised:
+        load_warm_start(parse_experiment(data))
+
+    assert f"{str(tmp_path)!r} is a folder; give the results.csv inside it, such as {str(tmp_path / 'results.csv')!r}" in str(raised.value)
+
+
+def test_empty_path_rejected():
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["search"]["warm_start"] = ""
+
+    with pytest.raises(ConfigError, match="search.warm_start: warm_start is empty; give the results.csv of an earlier run"):
+        parse_experiment(data)
