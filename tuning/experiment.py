@@ -315,8 +315,10 @@ def start_ray(address: str | None, *, dashboard: bool = False) -> bool:
         os.environ.setdefault(variable, value)
     runtime_env = {"env_vars": QUIET_ENVIRONMENT, "worker_process_setup_hook": "tuning.worker_setup.configure_worker_logging"}
     if address is None:
+        # The embedded Ray serves this machine only, so its servers listen on loopback
+        # instead of the machine's network address.
         ray.init(
-            address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
+            address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
             runtime_env=runtime_env, log_to_driver=True, configure_logging=False,
         )
     else:
@@ -329,6 +331,30 @@ def start_ray(address: str | None, *, dashboard: bool = False) -> bool:
                 "and that the cluster is running"
             ) from None
     return True
+
+
+def check_trial_resources(config: ExperimentConfig, *, local: bool) -> None:
+    """Fail when no node of the Ray cluster has the CPUs and GPUs that one trial asks for.
+
+    Ray Tune would otherwise wait for such a node forever. An autoscaling
+    cluster can still add one, so on a cluster this only logs a warning.
+
+    Raises:
+        ConfigError: on the embedded local Ray, naming both resources fields.
+    """
+    cpus, gpus = config.resources.cpus_per_trial, config.resources.gpus_per_trial
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    if any(node.get("CPU", 0) >= cpus and node.get("GPU", 0) >= gpus for node in nodes):
+        return
+    largest_cpus = max((node.get("CPU", 0) for node in nodes), default=0)
+    largest_gpus = max((node.get("GPU", 0) for node in nodes), default=0)
+    problem = (
+        f"a trial asks for {cpus:g} CPUs and {gpus:g} GPUs (resources.cpus_per_trial and resources.gpus_per_trial), "
+        f"but no node has both; the largest offer {largest_cpus:g} CPUs and {largest_gpus:g} GPUs"
+    )
+    if local:
+        raise ConfigError(f"resources: {problem} on this machine; lower them, or run on a cluster with --address")
+    logger.warning("%s; the trials wait until the cluster adds such a node", problem)
 
 
 def _check_reachable(address: str) -> None:
@@ -371,6 +397,7 @@ def run_experiment(config: ExperimentConfig, *, address: str | None = None, dash
 
     started_ray = start_ray(address, dashboard=dashboard)
     try:
+        check_trial_resources(config, local=address is None)
         if address is not None:
             check_storage_shared(config)
         logger.info("experiment %s: preparing embeddings (backbone %s, dataset %s)", config.name, config.backbone.label, config.dataset.name)

@@ -22,6 +22,8 @@ CASES: list[tuple[str, Any, list[str], list[str]]] = [
     ("yaml_syntax", "name: broken\nsearch: [unclosed\n", [], ["is not valid YAML", "line"]),
     ("top_level_list", "- name: a\n- name: b\n", [], ["must be a mapping"]),
     ("empty_file", "", [], ["is empty"]),
+    ("duplicate_key", "name: a\ntraining: {max_epochs: 5}\ntraining: {max_epochs: 3}\n", [],
+     ["key 'training' appears twice (first on line 2); merge the two entries into one", "line 3"]),
     ("missing_name", {"name": None}, [], ["name: required key is missing"]),
     ("missing_search", {"search": None}, [], ["search: required key is missing"]),
     ("unknown_top_key", {"serach": {"num_trials": 3}}, [], ["serach: unknown key", "did you mean 'search'"]),

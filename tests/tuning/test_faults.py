@@ -202,6 +202,19 @@ def test_diverging_trials_fail_with_reason(tmp_path, cache):
     assert re.search(r"trial \d{5} \(\w+\) failed, \d of 5 done: FloatingPointError", completed.stderr)
 
 
+@pytest.mark.parametrize(("cpus", "gpus"), [(64, 0), (1, 64)], ids=["cpus", "gpus"])
+def test_unavailable_resources_rejected(tmp_path, cache, cpus, gpus):
+    experiment = write_experiment(tmp_path / "big.yaml", tiny_experiment(**{
+        "name": "big", "resources": {"cpus_per_trial": cpus, "gpus_per_trial": gpus},
+    }))
+    completed = run_cli(experiment, tmp_path / "runs", cache)
+
+    assert completed.returncode == 2, completed.stderr[-3000:]
+    assert f"error: resources: a trial asks for {cpus} CPUs and {gpus} GPUs" in completed.stderr
+    assert "lower them, or run on a cluster with --address" in completed.stderr
+    assert not (tmp_path / "runs" / "big").exists()
+
+
 def test_all_failed_run_keeps_reasons(tmp_path, cache):
     space = {"learning_rate": {"type": "loguniform", "low": 1.0e5, "high": 1.0e6}, "batch_size": {"type": "choice", "values": [64]}}
     experiment = write_experiment(tmp_path / "allfail.yaml", tiny_experiment(**{
