@@ -762,6 +762,7 @@ def check_storage_writable(config: ExperimentConfig) -> None:
         ConfigError: naming the storage value and the fix.
     """
     if config.is_remote_storage:
+        _check_storage_uri(config.storage)
         return
     check_storage_not_file(config)
     folder = Path(config.storage_path())
@@ -773,6 +774,36 @@ def check_storage_writable(config: ExperimentConfig) -> None:
         raise ConfigError(
             f"storage: {config.storage!r} is not writable ({error.strerror or error}); "
             "pass --storage with a folder you can write to"
+        ) from None
+
+
+def _check_storage_uri(uri: str) -> None:
+    """Check that pyarrow knows the URI's scheme and can reach the location, which Ray Tune would otherwise find out after Ray started.
+
+    Raises:
+        ConfigError: naming the URI and the first line of pyarrow's error.
+    """
+    import pyarrow
+    import pyarrow.fs
+
+    try:
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
+    except pyarrow.ArrowInvalid as error:
+        raise ConfigError(
+            f"storage: {uri!r} is not a URI that pyarrow can open ({str(error).splitlines()[0]}); "
+            "pass --storage with a folder or a URI such as s3://bucket/runs or gs://bucket/runs"
+        ) from None
+    except OSError as error:
+        raise ConfigError(
+            f"storage: cannot reach {uri!r} ({str(error).splitlines()[0]}); "
+            "check the URI, the network and the credentials, or pass --storage with a folder"
+        ) from None
+    try:
+        filesystem.get_file_info(path)
+    except OSError as error:
+        raise ConfigError(
+            f"storage: cannot reach {uri!r} ({str(error).splitlines()[0]}); "
+            "check the URI, the network and the credentials, or pass --storage with a folder"
         ) from None
 
 
