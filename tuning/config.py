@@ -778,7 +778,7 @@ def check_storage_writable(config: ExperimentConfig) -> None:
 
 
 def _check_storage_uri(uri: str) -> None:
-    """Check that pyarrow knows the URI's scheme and can reach the location, which Ray Tune would otherwise find out after Ray started.
+    """Open the URI with pyarrow and look up its location, so that a bad URI fails before Ray starts.
 
     Raises:
         ConfigError: naming the URI and the first line of pyarrow's error.
@@ -788,18 +788,12 @@ def _check_storage_uri(uri: str) -> None:
 
     try:
         filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
+        filesystem.get_file_info(path)
     except pyarrow.ArrowInvalid as error:
         raise ConfigError(
             f"storage: {uri!r} is not a URI that pyarrow can open ({str(error).splitlines()[0]}); "
             "pass --storage with a folder or a URI such as s3://bucket/runs or gs://bucket/runs"
         ) from None
-    except OSError as error:
-        raise ConfigError(
-            f"storage: cannot reach {uri!r} ({str(error).splitlines()[0]}); "
-            "check the URI, the network and the credentials, or pass --storage with a folder"
-        ) from None
-    try:
-        filesystem.get_file_info(path)
     except OSError as error:
         raise ConfigError(
             f"storage: cannot reach {uri!r} ({str(error).splitlines()[0]}); "
