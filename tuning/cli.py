@@ -13,7 +13,7 @@ import yaml
 
 from tuning.cli_jobs import jobs_group, submit
 from tuning.config import ConfigError, check_datasets, check_storage_writable, load_experiment, load_warm_start
-from tuning.exit_codes import EXIT_INTERRUPTED, EXIT_INVALID_INPUT
+from tuning.exit_codes import EXIT_INTERRUPTED, EXIT_INVALID_INPUT, EXIT_TERMINATED
 from tuning.run_folder import check_run_folder
 
 logger = logging.getLogger(__name__)
@@ -63,13 +63,13 @@ def run(experiment: str, address: str | None, num_trials: int | None, storage: s
         sys.exit(EXIT_INVALID_INPUT)
 
     # Ray and TensorFlow load only after the experiment file is known to be valid.
-    from tuning.experiment import ExperimentError, run_experiment
+    from tuning.experiment import ExperimentError, Terminated, run_experiment
 
     try:
         outcome = run_experiment(config, address=address, dashboard=dashboard, resume=resume)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         _report_interrupted(config)
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED)
     except ConfigError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_INVALID_INPUT)
@@ -93,7 +93,7 @@ def run(experiment: str, address: str | None, num_trials: int | None, storage: s
 
 
 def _report_interrupted(config: Any) -> None:
-    """Tell how to continue a run stopped by Ctrl-C, or that there is nothing to continue."""
+    """Tell how to continue a run stopped by Ctrl-C or SIGTERM, or that there is nothing to continue."""
     from tuning.run_folder import has_experiment_state
 
     if config.is_remote_storage or has_experiment_state(Path(config.run_dir())):

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import threading
 import time
@@ -302,6 +303,14 @@ def _load_backbone(config: ExperimentConfig, source: Any = None) -> Any:
     )
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: the run stops the way Ctrl-C stops it, with its state saved."""
+
+
+def _raise_terminated(signal_number: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def start_ray(address: str | None, *, dashboard: bool = False) -> bool:
     """Connect to the cluster at `address`, or start an embedded local Ray when it is None.
 
@@ -330,6 +339,10 @@ def start_ray(address: str | None, *, dashboard: bool = False) -> bool:
                 f"cannot connect to Ray at {address!r}: {error}; check the address (auto, ray://HOST:10001 or HOST:6379) "
                 "and that the cluster is running"
             ) from None
+    # Ray's core worker installs a handler that prints a stack dump and ends the process on
+    # SIGTERM. This one unwinds like Ctrl-C, so Ray shuts down and the saved state can resume.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     return True
 
 

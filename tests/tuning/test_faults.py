@@ -232,7 +232,8 @@ def test_all_failed_run_keeps_reasons(tmp_path, cache):
     assert not (tmp_path / "runs" / "allfail" / "best_model.keras").exists()
 
 
-def test_interrupted_run_writes_no_outputs(tmp_path, cache):
+@pytest.mark.parametrize(("stop_signal", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl_c", "sigterm"])
+def test_interrupted_run_writes_no_outputs(tmp_path, cache, stop_signal, exit_code):
     experiment = write_experiment(tmp_path / "ctrlc.yaml", tiny_experiment(**{"name": "ctrlc", "search.num_trials": 4}))
     storage = tmp_path / "runs"
     process = start_cli(experiment, storage, cache)
@@ -241,8 +242,12 @@ def test_interrupted_run_writes_no_outputs(tmp_path, cache):
         for line in process.stderr:
             errors.append(line)
             if FINISHED_LINE.search(line):
-                # Ctrl-C in a terminal sends SIGINT to the whole foreground process group.
-                os.killpg(os.getpgid(process.pid), signal.SIGINT)
+                if stop_signal == signal.SIGINT:
+                    # Ctrl-C in a terminal sends SIGINT to the whole foreground process group.
+                    os.killpg(os.getpgid(process.pid), signal.SIGINT)
+                else:
+                    # `kill PID`, `timeout` and job schedulers send SIGTERM to the command alone.
+                    process.send_signal(signal.SIGTERM)
                 break
         errors.extend(process.stderr)
         process.wait(timeout=120)
@@ -251,7 +256,8 @@ def test_interrupted_run_writes_no_outputs(tmp_path, cache):
             kill_process_group(process)
     output = "".join(errors)
 
-    assert process.returncode == 130, output[-3000:]
+    assert process.returncode == exit_code, output[-3000:]
+    assert "SIGTERM received" not in output
     assert "Continue it with the same command and --resume" in output
     assert not (storage / "ctrlc" / "results.csv").exists()
     assert not (storage / "ctrlc" / "best_model.keras").exists()
