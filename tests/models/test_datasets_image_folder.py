@@ -180,6 +180,27 @@ def test_read_image_resizes_and_grays(tmp_path: Path) -> None:
     assert np.unique(pixels).tolist() == [round(0.299 * 200 + 0.587 * 30 + 0.114 * 40)]
 
 
+def test_read_image_shrinks_repeated_pixels_exactly(tmp_path: Path) -> None:
+    pattern = np.random.default_rng(0).integers(0, 256, size=(8, 8), dtype=np.uint8)
+    enlarged = np.repeat(np.repeat(pattern, 8, axis=0), 8, axis=1)
+    path = _save(Image.fromarray(enlarged), tmp_path / "digit.png")
+
+    pixels = read_image(path, size=(8, 8), color_mode="grayscale")
+
+    assert np.array_equal(pixels[:, :, 0], pattern)
+
+
+def test_read_image_enlarges_bilinearly(tmp_path: Path) -> None:
+    path = _save(Image.fromarray(np.array([[0, 200]], dtype=np.uint8)), tmp_path / "edge.png")
+
+    pixels = read_image(path, size=(1, 4), color_mode="grayscale")
+
+    # Bilinear interpolation puts values between the two ends; a box filter would repeat them.
+    assert pixels[0, :, 0].tolist()[0] == 0
+    assert pixels[0, :, 0].tolist()[-1] == 200
+    assert 0 < pixels[0, 1, 0] < 200
+
+
 def _break(root: Path, damage: str) -> Path:
     """Damage a good folder in one way; return the path to load."""
     if damage == "missing path":
