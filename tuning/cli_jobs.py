@@ -82,7 +82,8 @@ def _wait_and_exit(client, job_id: str, address: str) -> None:
     except jobs.JobError as error:
         _fail(error, EXIT_FAILED)
     if status != "SUCCEEDED":
-        message = jobs.job_info(client, job_id).message or ""
+        # Ray appends the job's last logs to the message, and they were printed above already.
+        message = (jobs.job_info(client, job_id).message or "").split(", last available logs", 1)[0]
         _fail(f"job {job_id} ended with status {status}: {message}", EXIT_FAILED)
     click.echo(f"Job {job_id} succeeded.")
 

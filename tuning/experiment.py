@@ -326,17 +326,19 @@ def start_ray(address: str | None, *, dashboard: bool = False) -> bool:
     if address is None:
         # The embedded Ray serves this machine only, so its servers listen on loopback
         # instead of the machine's network address.
-        ray.init(
+        context = ray.init(
             address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
             runtime_env=runtime_env, log_to_driver=True, configure_logging=False,
         )
+        if dashboard:
+            logger.info("Ray dashboard: http://%s", context.dashboard_url)
     else:
         _check_reachable(address)
         try:
             ray.init(address=address, runtime_env=runtime_env, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise ExperimentError(
-                f"cannot connect to Ray at {address!r}: {error}; check the address (auto, ray://HOST:10001 or HOST:6379) "
+                f"cannot connect to Ray at {address!r}: {str(error).rstrip('.')}; check the address (auto, ray://HOST:10001 or HOST:6379) "
                 "and that the cluster is running"
             ) from None
     # Ray's core worker installs a handler that prints a stack dump and ends the process on
@@ -380,7 +382,7 @@ def _check_reachable(address: str) -> None:
     host_port = address.split("://", 1)[-1].rsplit("/", 1)[0]
     host, _, port = host_port.rpartition(":")
     if not host or not port.isdigit():
-        raise ExperimentError(f"invalid Ray address {address!r}; use auto, HOST:PORT (e.g. 10.0.0.5:6379) or ray://HOST:10001")
+        raise ConfigError(f"invalid Ray address {address!r}; use auto, HOST:PORT (e.g. 10.0.0.5:6379) or ray://HOST:10001")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_SECONDS):
             pass

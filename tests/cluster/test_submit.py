@@ -197,6 +197,8 @@ def test_node_local_storage_refused(two_node_cluster):
     assert f"storage: {str(storage)!r} is not shared: 1 of 2 nodes cannot see" in completed.stdout
     assert "s3://" in completed.stdout
     assert "ended with status FAILED" in completed.stderr
+    # The streamed log already showed the error, so the final message does not repeat it.
+    assert "is not shared" not in completed.stderr
     assert not (storage / "node-local").exists()
     assert not list(storage.glob(".frozen-tune-probe-*"))
 

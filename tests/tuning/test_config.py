@@ -307,3 +307,15 @@ def test_cli_unreachable_address_fails_fast(tmp_path):
     assert completed.returncode == 1
     assert "cannot reach Ray at '127.0.0.1:1'" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_cli_malformed_address_exits_2(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "tuning", "run", str(QUICKSTART), "--storage", str(tmp_path / "runs"), "--address", "bogus"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "FROZEN_TUNE_CACHE": str(tmp_path / "cache")},
+    )
+
+    assert completed.returncode == 2
+    assert "invalid Ray address 'bogus'; use auto, HOST:PORT" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert not (tmp_path / "runs" / "quickstart").exists()

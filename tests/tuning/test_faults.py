@@ -215,6 +215,15 @@ def test_unavailable_resources_rejected(tmp_path, cache, cpus, gpus):
     assert not (tmp_path / "runs" / "big").exists()
 
 
+def test_dashboard_address_logged(tmp_path, cache):
+    # The trial's resources cannot be met, so the run stops right after Ray and its dashboard start.
+    experiment = write_experiment(tmp_path / "dash.yaml", tiny_experiment(**{"name": "dash", "resources": {"cpus_per_trial": 64}}))
+    completed = run_cli(experiment, tmp_path / "runs", cache, "--dashboard")
+
+    assert completed.returncode == 2, completed.stderr[-3000:]
+    assert "Ray dashboard: http://127.0.0.1:" in completed.stderr
+
+
 def test_all_failed_run_keeps_reasons(tmp_path, cache):
     space = {"learning_rate": {"type": "loguniform", "low": 1.0e5, "high": 1.0e6}, "batch_size": {"type": "choice", "values": [64]}}
     experiment = write_experiment(tmp_path / "allfail.yaml", tiny_experiment(**{
