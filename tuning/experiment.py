@@ -304,7 +304,7 @@ def _load_backbone(config: ExperimentConfig, source: Any = None) -> Any:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived: the run stops the way Ctrl-C stops it, with its state saved."""
+    """A SIGTERM, which stops the run the way Ctrl-C does, with its state saved."""
 
 
 def _raise_terminated(signal_number: int, frame: Any) -> None:

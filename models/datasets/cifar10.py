@@ -124,7 +124,27 @@ def _read_path(path: Path) -> Source:
     return _build_source({name: read(name) for name in [*TRAIN_BATCHES, TEST_BATCH]}, meta, folder)
 
 
+# First bytes of gzip, bzip2 and xz files: a file that starts so but does not open as a
+# tar archive is a damaged download rather than another kind of file.
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
+def _starts_compressed(path: Path) -> bool:
+    """Return whether the file starts like a compressed file; True when it cannot be read, so the caller's read reports that."""
+    try:
+        with path.open("rb") as file:
+            start = file.read(6)
+    except OSError:
+        return True
+    return start.startswith(_COMPRESSED_MAGIC)
+
+
 def _read_archive(path: Path) -> Source:
+    if path.is_file() and not tarfile.is_tarfile(path) and not _starts_compressed(path):
+        raise DatasetError(
+            f"cifar10 path {str(path)!r} is not a tar archive; use cifar-10-python.tar.gz or the "
+            f"{BATCHES_FOLDER} folder extracted from it."
+        )
     try:
         with tarfile.open(path, "r:*") as archive:
             # Only the named members are read, into memory; nothing is extracted to disk.

@@ -203,3 +203,14 @@ def test_corrupt_archive(tmp_path: Path) -> None:
         load_dataset("cifar10", path=archive)
 
     assert f"{archive}: cannot read the archive" in str(error.value)
+
+
+def test_other_file_kind_named(tmp_path: Path) -> None:
+    # An .npz file is a zip archive, not a damaged tar.gz.
+    archive = tmp_path / "cifar10.npz"
+    np.savez(archive, x=np.zeros(3))
+
+    with pytest.raises(DatasetError) as error:
+        load_dataset("cifar10", path=archive)
+
+    assert f"cifar10 path {str(archive)!r} is not a tar archive; use cifar-10-python.tar.gz" in str(error.value)
