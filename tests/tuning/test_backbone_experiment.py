@@ -79,7 +79,7 @@ def test_saved_model_backbone_stays_frozen(team_model: Path, tmp_path: Path) -> 
 
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "cut at layer 'gap' (16 features) at 16x16 pixels" in completed.stderr
-    assert "embeddings computed, cache entry" in completed.stderr
+    assert "embeddings computed (float32), cache entry" in completed.stderr
     # Every variable of the cut model, BatchNormalization statistics included,
     # is the saved model's own after the trials and the export.
     for name in ("conv", "bn"):
