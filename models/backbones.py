@@ -184,7 +184,8 @@ def build_feature_extractor(
             It is frozen in place.
 
     Returns:
-        A model from (batch, *raw_shape) to float32 embeddings (batch, D).
+        A model from (batch, *raw_shape) to embeddings (batch, D): float32, or
+        float16 when `cnn` is a copy from `half_precision_copy`.
 
     Raises:
         ValueError: If the CNN input does not match image_size.
@@ -208,13 +209,16 @@ def build_feature_extractor(
     return extractor
 
 
-
 def half_precision_copy(cnn: keras.Model) -> keras.Model:
     """Return a copy of `cnn` that computes in float16 and keeps its weights in float32.
 
     Every layer that computes in float32 gets Keras' mixed_float16 policy, and
     the copy receives the original's weights. Input layers keep their dtype, so
     the copy takes the same float32 images. Its outputs are float16.
+
+    NOTE: a model's config does not tell a layer pinned to float32 from one
+    that got float32 by default, so pinned layers compute in float16 too.
+    Callers compare a few embeddings with the original's before using the copy.
 
     Args:
         cnn: A functional or sequential model of Keras' own layers.

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError, ValidationInfo, field_validator, model_validator
 
 from models.backbone_specs import (
     APPLICATION_WEIGHTS,
@@ -54,6 +54,17 @@ INTEGER_HYPERPARAMETERS: dict[str, int] = {"units_1": 0, "units_2": 0, "units_3"
 CATEGORICAL_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {"activation": ACTIVATIONS, "optimizer": OPTIMIZERS}
 
 
+def _not_boolean(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("Input should be a number, not a boolean")
+    return value
+
+
+# A float field that rejects YAML's true and false, which pydantic would take as 1.0 and 0.0.
+# Integer fields use StrictInt for the same reason.
+Number = Annotated[float, BeforeValidator(_not_boolean)]
+
+
 class ConfigError(ValueError):
     """An experiment file that cannot be used, with one line per problem."""
 
@@ -82,9 +93,9 @@ class _Strict(BaseModel):
 class PretrainConfig(_Strict):
     dataset: DatasetSource = DatasetSource()
     classes: list[int | str] | None = None
-    epochs: int = Field(10, ge=1)
-    seed: int = 0
-    validation_split: float = Field(0.2, gt=0.0, lt=1.0)
+    epochs: StrictInt = Field(10, ge=1)
+    seed: StrictInt = 0
+    validation_split: Number = Field(0.2, gt=0.0, lt=1.0)
 
     @field_validator("dataset", mode="before")
     @classmethod
@@ -114,7 +125,7 @@ class BackboneConfig(_Strict):
     layer: str | None = None
     weights: str | None = Field(None, validate_default=True)
     input_range: list[float] | None = Field(None, validate_default=True)
-    image_size: int | None = Field(None, validate_default=True)
+    image_size: StrictInt | None = Field(None, validate_default=True)
     pretrain: PretrainConfig = PretrainConfig()
     precision: Literal["auto", "float32", "mixed_float16"] = "auto"
 
@@ -386,7 +397,6 @@ ParameterConfig = Annotated[
 class SearchConfig(_Strict):
     metric: str = "val_loss"
     mode: Literal["min", "max"] | None = None
-    # StrictInt, because YAML's true would otherwise pass as 1.
     num_trials: StrictInt = Field(30, ge=1)
     max_concurrent: StrictInt = Field(2, ge=1)
     initial_points: StrictInt = Field(5, ge=0)
@@ -471,18 +481,18 @@ class TrainingConfig(_Strict):
     max_failures: StrictInt = Field(2, ge=0)
     # Seconds between checkpoints of a running trial's best weights (0: at every improving
     # epoch). Every trial also checkpoints its last epoch, and ASHA checkpoints every improvement.
-    checkpoint_seconds: float = Field(10.0, ge=0.0, allow_inf_nan=False)
+    checkpoint_seconds: Number = Field(10.0, ge=0.0, allow_inf_nan=False)
 
 
 class SchedulerConfig(_Strict):
     name: Literal["fifo", "asha"] = "fifo"
-    grace_period: int = Field(3, ge=1)
-    reduction_factor: float = Field(3.0, gt=1.0)
+    grace_period: StrictInt = Field(3, ge=1)
+    reduction_factor: Number = Field(3.0, gt=1.0)
 
 
 class ResourcesConfig(_Strict):
-    cpus_per_trial: float = Field(1.0, gt=0.0)
-    gpus_per_trial: float = Field(0.0, ge=0.0)
+    cpus_per_trial: Number = Field(1.0, gt=0.0)
+    gpus_per_trial: Number = Field(0.0, ge=0.0)
 
     @field_validator("gpus_per_trial")
     @classmethod
@@ -865,12 +875,12 @@ def load_warm_start(config: ExperimentConfig) -> list[tuple[dict[str, Any], floa
     space and `best_<metric>`. It must not tune a head hyperparameter that
     the current space leaves out, and every value must lie inside the current
     bounds. When the earlier run's experiment.json lies beside the file, that
-    run must have optimised the same metric in the same mode, and each
-    parameter must have had the same type. Failed trials and non-finite
-    metric values are skipped.
+    run must have optimised the same metric in the same mode.
 
     Returns:
-        (configuration, metric value) pairs, in the metric's own sign.
+        (configuration, metric value) pairs, in the metric's own sign. A
+        failed trial, or one without a finite value, has NaN, so the
+        searcher can count it as a failure.
 
     Raises:
         ConfigError: naming the file and the difference from the current space.
@@ -879,7 +889,7 @@ def load_warm_start(config: ExperimentConfig) -> list[tuple[dict[str, Any], floa
         return []
     import pandas as pd
 
-    from tuning.report import STATUS_COMPLETED
+    from tuning.report import STATUS_COMPLETED, STATUS_FAILED
 
     path = Path(config.search.warm_start).expanduser()
     field = f"search.warm_start: {str(path)!r}"
@@ -906,12 +916,12 @@ def load_warm_start(config: ExperimentConfig) -> list[tuple[dict[str, Any], floa
         )
 
     if "status" in frame.columns:
-        frame = frame[frame["status"] == STATUS_COMPLETED]
+        frame = frame[frame["status"].isin([STATUS_COMPLETED, STATUS_FAILED])]
     observations, problems = [], []
     for index, row in frame.iterrows():
         value = float(row[metric_column])
-        if not math.isfinite(value):
-            continue
+        if "status" in frame.columns and row["status"] == STATUS_FAILED:
+            value = math.nan
         point = {}
         for name, parameter in space.items():
             try:
@@ -925,44 +935,33 @@ def load_warm_start(config: ExperimentConfig) -> list[tuple[dict[str, Any], floa
 
 
 def _check_earlier_search(path: Path, search: SearchConfig, field: str) -> None:
-    """Compare the search section of the experiment.json beside `path`, if any, with `search`.
+    """Check that the run whose experiment.json lies beside `path`, if any, optimised the same metric in the same mode.
 
     A results.csv records each metric at the epoch that was best for the
     earlier run's metric and mode, so its values mean something else under
-    another metric or mode.
+    another metric or mode. Parameter types may change: the values
+    themselves are checked against the current space.
 
     Raises:
-        ConfigError: naming each difference in metric, mode or parameter type.
+        ConfigError: naming the difference, or the snapshot when it cannot be read.
     """
     snapshot = path.parent / "experiment.json"
+    if not snapshot.exists():
+        return
     try:
         earlier = json.loads(snapshot.read_text())["search"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    problems = []
-    if (earlier.get("metric"), earlier.get("mode")) != (search.metric, search.mode):
-        problems.append(
-            f"that run optimised {earlier.get('metric')} ({earlier.get('mode')}) and this one optimises "
-            f"{search.metric} ({search.mode}); its best_ values are those of the epochs best for {earlier.get('metric')}"
-        )
-    for name, parameter in search.space.items():
-        before = (earlier.get("space") or {}).get(name)
-        if not isinstance(before, dict):
-            continue
-        kinds = (_parameter_kind(before), _parameter_kind(parameter.model_dump()))
-        if kinds[0] != kinds[1]:
-            problems.append(f"{name} was {kinds[0]} in that run and is {kinds[1]} now")
-    if problems:
+        metric, mode = earlier["metric"], earlier["mode"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
         raise ConfigError(
-            f"{field} comes from a different search ({snapshot}):\n" + "\n".join(f"  {problem}" for problem in problems)
-            + "\n  warm-start from a run with the same metric, mode and parameter types, or remove warm_start"
+            f"{field}: {str(snapshot)!r} beside it is not a frozen-tune run's experiment.json ({type(error).__name__}: {error}); "
+            "restore it from the earlier run or move the results.csv to a folder of its own"
+        ) from None
+    if (metric, mode) != (search.metric, search.mode):
+        raise ConfigError(
+            f"{field} comes from a run that optimised {metric} ({mode}), and this experiment optimises "
+            f"{search.metric} ({search.mode}); its best_ columns hold each metric at the epoch that was best for "
+            f"{metric}, so warm-start from a run with the same metric and mode, or remove warm_start"
         )
-
-
-def _parameter_kind(parameter: dict[str, Any]) -> str:
-    """Name a parameter's type as the experiment file writes it, with `log` for log-spaced ints."""
-    kind = str(parameter.get("type"))
-    return f"{kind} (log: true)" if kind == "int" and parameter.get("log") else kind
 
 
 def _warm_start_value(value: Any, parameter: Any, where: str) -> Any:

@@ -137,20 +137,14 @@ def prepare_data(config: ExperimentConfig) -> tuple[PreparedData, EmbeddingData]
     if embeddings is not None:
         backbone_description, backbone_cache_hit, cache_hit = known.description, known.cached, True
     else:
-        from models.backbones import build_feature_extractor, half_precision_copy
+        from models.backbones import build_feature_extractor
         from models.features import extract_embeddings
 
         backbone = _load_backbone(config, source)
         backbone_description, backbone_cache_hit = backbone.description, backbone.cache_hit
         cnn = backbone.cnn
         if precision == MIXED_FLOAT16:
-            try:
-                cnn = half_precision_copy(backbone.cnn)
-            except BackboneError as error:
-                if config.backbone.precision == MIXED_FLOAT16:
-                    raise BackboneError(f"{error} Set backbone.precision to {FLOAT32} or auto.") from None
-                logger.warning("%s Computing the embeddings in %s instead.", error, FLOAT32)
-                precision = FLOAT32
+            cnn, precision = _half_precision_backbone(config, backbone.cnn, dataset)
         backbone_key = embedding_cache_key(backbone.weights_key, dataset, image_size, PREPROCESSING_VERSION, precision)
         if backbone_key != key:
             key = backbone_key
@@ -191,6 +185,65 @@ def prepare_data(config: ExperimentConfig) -> tuple[PreparedData, EmbeddingData]
         embedding_precision=precision,
     )
     return prepared, data
+
+
+# Images embedded in both precisions before a float16 extraction, and the largest
+# difference allowed between the two, as a share of the largest float32 value.
+PRECISION_PROBE_IMAGES = 64
+PRECISION_TOLERANCE = 0.02
+
+
+def _half_precision_backbone(config: ExperimentConfig, cnn: Any, dataset: Any) -> tuple[Any, str]:
+    """Return the backbone to extract with and its precision: a float16 copy of `cnn` when it is usable.
+
+    The copy is unusable when Keras cannot rebuild the backbone. It is also
+    unusable when its embeddings of the first training images are not finite,
+    or differ from the float32 ones by more than PRECISION_TOLERANCE of their
+    largest value. The copy computes every layer in float16, also layers saved
+    with float32, so large activations can overflow and tiny ones round to 0.
+    Under "auto", an unusable copy, or a GPU that Ray assigned but TensorFlow
+    does not see, leaves the backbone in float32 with a log line. Under
+    "mixed_float16" an unusable copy raises.
+
+    Raises:
+        BackboneError: when backbone.precision is mixed_float16 and the copy is unusable.
+    """
+    import tensorflow as tf
+
+    from models.backbones import build_feature_extractor, half_precision_copy
+    from models.features import compute_embeddings
+
+    requested = config.backbone.precision == MIXED_FLOAT16
+    if not requested and not tf.config.list_physical_devices("GPU"):
+        logger.info("Ray gave the embedding task a GPU that TensorFlow does not see, so the embeddings are computed in %s", FLOAT32)
+        return cnn, FLOAT32
+
+    problem = None
+    try:
+        half = half_precision_copy(cnn)
+    except BackboneError as error:
+        problem = str(error)
+    else:
+        probe = dataset.x_train[:PRECISION_PROBE_IMAGES]
+        size = config.backbone.image_size
+        full = compute_embeddings(build_feature_extractor(dataset.raw_shape, dataset.value_range, size, cnn), probe)
+        halved = compute_embeddings(build_feature_extractor(dataset.raw_shape, dataset.value_range, size, half), probe)
+        scale = float(np.abs(full).max())
+        if not np.isfinite(halved).all():
+            problem = f"In {MIXED_FLOAT16}, the backbone's embeddings of {len(probe)} training images are not finite (float16 overflows above 65504)."
+        elif np.abs(halved - full).max() > PRECISION_TOLERANCE * scale:
+            difference = float(np.abs(halved - full).max()) / scale if scale > 0 else math.inf
+            problem = (
+                f"In {MIXED_FLOAT16}, the backbone's embeddings of {len(probe)} training images differ from the {FLOAT32} "
+                f"ones by {difference:.1%} of the largest value (more than {PRECISION_TOLERANCE:.0%}), for example because "
+                f"small values round to 0 in float16."
+            )
+    if problem is None:
+        return half, MIXED_FLOAT16
+    if requested:
+        raise BackboneError(f"{problem} Set backbone.precision to {FLOAT32} or auto.")
+    logger.warning("%s Computing the embeddings in %s instead.", problem, FLOAT32)
+    return cnn, FLOAT32
 
 
 def extraction_precision(setting: str) -> str:
@@ -349,7 +402,7 @@ def start_ray(address: str | None, *, dashboard: bool = False) -> bool:
 
 
 def check_trial_resources(config: ExperimentConfig, *, local: bool) -> None:
-    """Fail when no node of the Ray cluster has the CPUs and GPUs that one trial asks for.
+    """Fail when no node of the Ray cluster has the CPUs and GPUs that one trial requests.
 
     Ray Tune would otherwise wait for such a node forever. An autoscaling
     cluster can still add one, so on a cluster this only logs a warning.
@@ -364,7 +417,7 @@ def check_trial_resources(config: ExperimentConfig, *, local: bool) -> None:
     largest_cpus = max((node.get("CPU", 0) for node in nodes), default=0)
     largest_gpus = max((node.get("GPU", 0) for node in nodes), default=0)
     problem = (
-        f"a trial asks for {cpus:g} CPUs and {gpus:g} GPUs (resources.cpus_per_trial and resources.gpus_per_trial), "
+        f"a trial requests {cpus:g} CPUs and {gpus:g} GPUs (resources.cpus_per_trial and resources.gpus_per_trial), "
         f"but no node has both; the largest offer {largest_cpus:g} CPUs and {largest_gpus:g} GPUs"
     )
     if local:
@@ -518,15 +571,18 @@ def _run_tuner(config: ExperimentConfig, embeddings: Any, *, resume: bool) -> tu
     )
     warm_start = load_warm_start(config)
     for point, value in warm_start:
-        searcher.add_evaluated_point(point, value)
-    if warm_start:
-        logger.info("warm start: registered %d finished trials from %s", len(warm_start), search.warm_start)
+        searcher.add_evaluated_point(point, value, error=not math.isfinite(value))
+    finished = sum(math.isfinite(value) for _, value in warm_start)
+    if finished:
+        logger.info(
+            "warm start: registered %d finished and %d failed trials from %s", finished, len(warm_start) - finished, search.warm_start,
+        )
     elif search.warm_start is not None:
         logger.warning(
-            "warm start: %s has no completed trial with a finite best_%s; the search starts without earlier trials",
+            "warm start: %s has no completed trial with a finite best_%s; the search starts without earlier results",
             search.warm_start, search.metric,
         )
-    if not warm_start and search.num_trials <= search.initial_points:
+    if not finished and search.num_trials <= search.initial_points:
         logger.warning(
             "search.num_trials (%d) is not above search.initial_points (%d): every trial is a random point and the "
             "Gaussian process chooses none; raise num_trials or lower initial_points",

@@ -31,6 +31,10 @@ RAY_STATE_PATTERNS = ("experiment_state-*.json", "search_gen_state-*.json", "sea
 # they change neither the trials nor the search.
 RESUMABLE_CHANGES = ("cache_dir", "search.warm_start")
 
+# Fields added to the experiment file after runs had been saved without them, with the
+# value those runs used. A snapshot that lacks such a field counts as having that value.
+ADDED_FIELDS: dict[str, Any] = {"backbone.precision": "auto"}
+
 
 def check_run_folder(config: ExperimentConfig, *, resume: bool = False) -> None:
     """Check that a new run may start in the run folder, or that `resume` has a run to continue.
@@ -149,7 +153,7 @@ def snapshot_differences(config: ExperimentConfig, run_dir: Path) -> list[str]:
     path = run_dir / SNAPSHOT_FILE
     if not path.exists():
         return []
-    before = _flatten(json.loads(path.read_text()))
+    before = {**ADDED_FIELDS, **_flatten(json.loads(path.read_text()))}
     now = _flatten(config.model_dump(mode="json"))
     differences = []
     for key in sorted(set(before) | set(now)):

@@ -251,17 +251,21 @@ class GaussianProcessSearcher(Searcher):
         pruned: bool = False,
         intermediate_values: list[float] | None = None,
     ) -> None:
-        """Register a configuration evaluated outside this searcher, e.g. from an earlier run."""
+        """Register a configuration evaluated outside this searcher, e.g. from an earlier run.
+
+        A point with `error` or without a finite value counts as a failed trial.
+        """
         if self._space is None:
             raise RuntimeError("set the search space before adding evaluated points")
-        if error or value is None or not math.isfinite(float(value)):
-            return
         config = {name: parameters[name] for name in self._space.names if name in parameters}
         problems = self._space.check(config)
         if problems:
             raise ValueError(f"evaluated point {parameters!r} does not fit the search space: {'; '.join(problems)}")
-        self._observations.append((self._space.canonical(config), float(value)))
         self._added_points += 1
+        if error or value is None or not math.isfinite(float(value)):
+            self._failed_configs.append(self._space.canonical(config))
+            return
+        self._observations.append((self._space.canonical(config), float(value)))
 
     def get_state(self) -> dict[str, Any]:
         state = {key: value for key, value in self.__dict__.items()}
@@ -298,7 +302,7 @@ class GaussianProcessSearcher(Searcher):
 
     @property
     def failed_trials(self) -> dict[str, str]:
-        """Trial id -> reason, for trials that were not registered."""
+        """Trial id -> reason, for trials of this searcher that failed or ended without a finite metric."""
         return dict(self._failed_trials)
 
     # Internals ----------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -319,3 +320,17 @@ def test_cli_malformed_address_exits_2(tmp_path):
     assert "invalid Ray address 'bogus'; use auto, HOST:PORT" in completed.stderr
     assert "Traceback" not in completed.stderr
     assert not (tmp_path / "runs" / "quickstart").exists()
+
+
+def test_snapshot_without_added_field_matches(tmp_path):
+    from tuning.run_folder import SNAPSHOT_FILE, snapshot_differences
+
+    config = parse_experiment(quickstart())
+    saved = config.model_dump(mode="json")
+    del saved["backbone"]["precision"]
+    (tmp_path / SNAPSHOT_FILE).write_text(json.dumps(saved))
+    assert snapshot_differences(config, tmp_path) == []
+
+    saved["backbone"]["precision"] = "float32"
+    (tmp_path / SNAPSHOT_FILE).write_text(json.dumps(saved))
+    assert snapshot_differences(config, tmp_path) == ["backbone.precision: 'float32' -> 'auto'"]

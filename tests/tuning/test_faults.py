@@ -210,7 +210,7 @@ def test_unavailable_resources_rejected(tmp_path, cache, cpus, gpus):
     completed = run_cli(experiment, tmp_path / "runs", cache)
 
     assert completed.returncode == 2, completed.stderr[-3000:]
-    assert f"error: resources: a trial asks for {cpus} CPUs and {gpus} GPUs" in completed.stderr
+    assert f"error: resources: a trial requests {cpus} CPUs and {gpus} GPUs" in completed.stderr
     assert "lower them, or run on a cluster with --address" in completed.stderr
     assert not (tmp_path / "runs" / "big").exists()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,37 @@ def test_mixed_precision_separate_cache_entry(tmp_path):
     assert mixed_again["embedding_cache_hit"] is True
     assert mixed_again["tensorflow"] is False
     assert mixed_again["train_sum"] == mixed["train_sum"]
+
+
+def test_unusable_half_precision_rejected(tmp_path):
+    # Random MobileNetV2 weights give embeddings near 1e-12, which round to 0 in float16.
+    data = {
+        **experiment(tmp_path / "cache", "none"),
+        "backbone": {"name": "MobileNetV2", "weights": "none", "image_size": 32, "precision": "mixed_float16"},
+    }
+
+    completed = run_prepare(data)
+
+    assert completed.returncode != 0
+    assert "the backbone's embeddings of 64 training images differ from the float32 ones by 100.0%" in completed.stderr
+    assert "Set backbone.precision to float32 or auto." in completed.stderr
+    assert not list((tmp_path / "cache").glob("embeddings/*"))
+
+
+def test_auto_without_visible_gpu_keeps_float32(tmp_path, caplog):
+    from tuning.config import parse_experiment
+    from tuning.experiment import _half_precision_backbone
+
+    config = parse_experiment(experiment(tmp_path / "cache", "none"))
+    cnn = object()
+
+    with caplog.at_level(logging.INFO, logger="tuning.experiment"):
+        chosen, precision = _half_precision_backbone(config, cnn, config.dataset.load())
+
+    assert config.backbone.precision == "auto"
+    assert chosen is cnn
+    assert precision == "float32"
+    assert "a GPU that TensorFlow does not see" in caplog.text
 
 
 def test_missing_weights_file_builds_backbone(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -48,8 +49,11 @@ def test_finished_trials_registered(tmp_path):
     observations = load_warm_start(config_with(tmp_path, EARLIER_RUN))
     values = [value for _, value in observations]
 
-    # The NaN row and the failed row are skipped.
-    assert values == [0.2, 0.1, 0.5, 0.3, 0.15]
+    # The NaN row and the failed row come back as NaN, so the searcher counts them as failures.
+    assert values[:4] == [0.2, 0.1, 0.5, 0.3]
+    assert math.isnan(values[4])
+    assert values[5] == 0.15
+    assert math.isnan(values[6])
     assert observations[1][0]["units_1"] == 256
     assert type(observations[1][0]["units_1"]) is int
     assert observations[1][0]["batch_size"] == 64
@@ -66,6 +70,8 @@ def test_warm_searcher_skips_random_phase(tmp_path, caplog):
 
     assert "now picks each configuration" in caplog.text
     assert len(searcher.observations) == 5
+    # The two failed rows are known, so the GP will not suggest them again.
+    assert len(searcher.get_state()["_failed_configs"]) == 2
     assert search_space(config).check(config_suggested) == []
 
 
@@ -134,28 +140,20 @@ def earlier_snapshot(tmp_path: Path, change=None) -> None:
 def test_same_search_snapshot_accepted(tmp_path):
     earlier_snapshot(tmp_path)
 
-    assert len(load_warm_start(config_with(tmp_path, EARLIER_RUN))) == 5
+    assert len(load_warm_start(config_with(tmp_path, EARLIER_RUN))) == 7
 
 
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        ({"mode": "max"}, "that run optimised val_loss (max) and this one optimises val_loss (min)"),
-        ({"metric": "val_accuracy", "mode": "max"}, "that run optimised val_accuracy (max) and this one optimises val_loss (min)"),
-        ({"space.decay_rate": {"type": "int", "low": 0, "high": 1}}, "decay_rate was int in that run and is uniform now"),
-        ({"space.units_1": {"type": "int", "low": 32, "high": 512, "log": True}}, "units_1 was int (log: true) in that run and is int now"),
-        ({"space.learning_rate": {"type": "uniform", "low": 1.0e-4, "high": 1.0e-1}}, "learning_rate was uniform in that run and is loguniform now"),
-        ({"space.batch_size": {"type": "int", "low": 32, "high": 256}}, "batch_size was int in that run and is choice now"),
+        ({"mode": "max"}, "comes from a run that optimised val_loss (max), and this experiment optimises val_loss (min)"),
+        ({"metric": "val_accuracy", "mode": "max"}, "comes from a run that optimised val_accuracy (max), and this experiment optimises val_loss (min)"),
     ],
-    ids=lambda value: str(value)[:30],
+    ids=["mode", "metric"],
 )
 def test_different_earlier_search_rejected(tmp_path, change, expected):
     def apply(data):
-        for key, value in change.items():
-            if key.startswith("space."):
-                data["search"]["space"][key.removeprefix("space.")] = value
-            else:
-                data["search"][key] = value
+        data["search"].update(change)
 
     earlier_snapshot(tmp_path, apply)
 
@@ -163,7 +161,29 @@ def test_different_earlier_search_rejected(tmp_path, change, expected):
         load_warm_start(config_with(tmp_path, EARLIER_RUN))
 
     assert expected in str(raised.value)
-    assert "warm-start from a run with the same metric, mode and parameter types, or remove warm_start" in str(raised.value)
+    assert "warm-start from a run with the same metric and mode, or remove warm_start" in str(raised.value)
+
+
+def test_changed_parameter_type_accepted(tmp_path):
+    # Values are checked against the current space, so a range may become log-spaced or a choice an int.
+    def earlier_types(data):
+        data["search"]["space"]["learning_rate"] = {"type": "uniform", "low": 1.0e-4, "high": 1.0e-1}
+        data["search"]["space"]["batch_size"] = {"type": "int", "low": 32, "high": 256}
+
+    earlier_snapshot(tmp_path, earlier_types)
+
+    assert len(load_warm_start(config_with(tmp_path, EARLIER_RUN))) == 7
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"search": []}', '{"search": {"metric": "val_loss"}}', "[]"],
+                         ids=["invalid_json", "search_list", "no_mode", "list"])
+def test_unreadable_snapshot_rejected(tmp_path, content):
+    (tmp_path / "experiment.json").write_text(content)
+
+    with pytest.raises(ConfigError) as raised:
+        load_warm_start(config_with(tmp_path, EARLIER_RUN))
+
+    assert "experiment.json' beside it is not a frozen-tune run's experiment.json" in str(raised.value)
 
 
 @pytest.mark.parametrize(
