@@ -299,25 +299,19 @@ def test_cli_rejects_storage_under_proc(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-def test_cli_unreachable_address_fails_fast(tmp_path):
+@pytest.mark.parametrize(
+    ("address", "exit_code", "expected"),
+    [("127.0.0.1:1", 1, "cannot reach Ray at '127.0.0.1:1'"), ("bogus", 2, "invalid Ray address 'bogus'; use auto, HOST:PORT")],
+    ids=["unreachable", "malformed"],
+)
+def test_cli_bad_address_fails_fast(tmp_path, address, exit_code, expected):
     completed = subprocess.run(
-        [sys.executable, "-m", "tuning", "run", str(QUICKSTART), "--storage", str(tmp_path / "runs"), "--address", "127.0.0.1:1"],
+        [sys.executable, "-m", "tuning", "run", str(QUICKSTART), "--storage", str(tmp_path / "runs"), "--address", address],
         capture_output=True, text=True, timeout=120, env={**os.environ, "FROZEN_TUNE_CACHE": str(tmp_path / "cache")},
     )
 
-    assert completed.returncode == 1
-    assert "cannot reach Ray at '127.0.0.1:1'" in completed.stderr
-    assert "Traceback" not in completed.stderr
-
-
-def test_cli_malformed_address_exits_2(tmp_path):
-    completed = subprocess.run(
-        [sys.executable, "-m", "tuning", "run", str(QUICKSTART), "--storage", str(tmp_path / "runs"), "--address", "bogus"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "FROZEN_TUNE_CACHE": str(tmp_path / "cache")},
-    )
-
-    assert completed.returncode == 2
-    assert "invalid Ray address 'bogus'; use auto, HOST:PORT" in completed.stderr
+    assert completed.returncode == exit_code
+    assert expected in completed.stderr
     assert "Traceback" not in completed.stderr
     assert not (tmp_path / "runs" / "quickstart").exists()
 
