@@ -63,13 +63,13 @@ def run(experiment: str, address: str | None, num_trials: int | None, storage: s
         sys.exit(EXIT_INVALID_INPUT)
 
     # Ray and TensorFlow load only after the experiment file is known to be valid.
-    from tuning.experiment import ExperimentError, Terminated, run_experiment
+    from tuning.experiment import TERMINATION, ExperimentError, run_experiment
 
     try:
         outcome = run_experiment(config, address=address, dashboard=dashboard, resume=resume)
-    except KeyboardInterrupt as interrupt:
+    except KeyboardInterrupt:
         _report_interrupted(config)
-        sys.exit(EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED)
+        sys.exit(EXIT_TERMINATED if TERMINATION.is_set() else EXIT_INTERRUPTED)
     except ConfigError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_INVALID_INPUT)

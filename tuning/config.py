@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, ValidationInfo, field_validator, model_validator
 
 from models.backbone_specs import (
     APPLICATION_WEIGHTS,
@@ -40,7 +40,7 @@ from models.backbone_specs import (
     unknown_layer_message,
 )
 from models.hyperparameters import ACTIVATIONS, HEAD_DEFAULTS, HEAD_HYPERPARAMETERS, OPTIMIZERS
-from tuning.dataset_config import DATASET_PATH_HINTS, DATASETS_NEEDING_PATH, DatasetConfig, DatasetSource
+from tuning.dataset_config import DATASET_PATH_HINTS, DATASETS_NEEDING_PATH, DatasetConfig, DatasetSource, Number
 
 # Largest image side a backbone may resize to, in pixels.
 MAX_IMAGE_SIZE = 1024
@@ -52,17 +52,6 @@ CACHE_DIR_VARIABLE = "FROZEN_TUNE_CACHE"
 # Hyperparameters whose values must be whole numbers, and their smallest valid value.
 INTEGER_HYPERPARAMETERS: dict[str, int] = {"units_1": 0, "units_2": 0, "units_3": 0, "batch_size": 1}
 CATEGORICAL_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {"activation": ACTIVATIONS, "optimizer": OPTIMIZERS}
-
-
-def _not_boolean(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError("Input should be a number, not a boolean")
-    return value
-
-
-# A float field that rejects YAML's true and false, which pydantic would take as 1.0 and 0.0.
-# Integer fields use StrictInt for the same reason.
-Number = Annotated[float, BeforeValidator(_not_boolean)]
 
 
 class ConfigError(ValueError):
@@ -337,8 +326,8 @@ def _lower_first(text: str) -> str:
 
 
 class _Bounded(_Strict):
-    low: float
-    high: float
+    low: Number
+    high: Number
 
     @model_validator(mode="after")
     def _low_below_high(self) -> _Bounded:
@@ -363,8 +352,8 @@ class LogUniformParameter(_Bounded):
 
 class IntParameter(_Strict):
     type: Literal["int"]
-    low: int
-    high: int
+    low: StrictInt
+    high: StrictInt
     log: bool = False
 
     @model_validator(mode="after")
@@ -951,17 +940,23 @@ def _check_earlier_search(path: Path, search: SearchConfig, field: str) -> None:
     try:
         earlier = json.loads(snapshot.read_text())["search"]
         metric, mode = earlier["metric"], earlier["mode"]
+        if metric not in REPORTED_METRICS or mode not in ("min", "max"):
+            raise ValueError(f"search.metric {metric!r} and search.mode {mode!r} are not a metric and a mode")
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ConfigError(
             f"{field}: {str(snapshot)!r} beside it is not a frozen-tune run's experiment.json ({type(error).__name__}: {error}); "
             "restore it from the earlier run or move the results.csv to a folder of its own"
         ) from None
-    if (metric, mode) != (search.metric, search.mode):
-        raise ConfigError(
-            f"{field} comes from a run that optimised {metric} ({mode}), and this experiment optimises "
-            f"{search.metric} ({search.mode}); its best_ columns hold each metric at the epoch that was best for "
-            f"{metric}, so warm-start from a run with the same metric and mode, or remove warm_start"
-        )
+    if metric != search.metric:
+        reason = f"its best_ columns hold each metric at the epoch that was best for {metric}"
+    elif mode != search.mode:
+        reason = f"its best_{metric} column holds each trial's {'lowest' if mode == 'min' else 'highest'} value"
+    else:
+        return
+    raise ConfigError(
+        f"{field} comes from a run that optimised {metric} ({mode}), and this experiment optimises "
+        f"{search.metric} ({search.mode}); {reason}, so warm-start from a run with the same metric and mode, or remove warm_start"
+    )
 
 
 def _warm_start_value(value: Any, parameter: Any, where: str) -> Any:

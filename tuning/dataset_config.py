@@ -10,7 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, field_validator, model_validator
+
+def _not_boolean(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("Input should be a number, not a boolean")
+    return value
+
+
+# A float field that rejects YAML's true and false, which pydantic would take as 1.0 and 0.0.
+# Integer fields use StrictInt for the same reason.
+Number = Annotated[float, BeforeValidator(_not_boolean)]
+
 
 DATASET_NAMES: tuple[str, ...] = ("digits", "fashion_mnist", "cifar10", "image_folder", "npz")
 DATASETS_WITH_PATH: tuple[str, ...] = ("fashion_mnist", "cifar10", "image_folder", "npz")
@@ -90,8 +101,8 @@ class DatasetConfig(DatasetSource):
     """The tuned dataset: a source, the classes to keep and the validation split."""
 
     classes: list[int | str] | None = None
-    validation_split: float = Field(0.2, gt=0.0, lt=1.0)
-    seed: int = 0
+    validation_split: Number = Field(0.2, gt=0.0, lt=1.0)
+    seed: StrictInt = 0
 
     @field_validator("classes")
     @classmethod

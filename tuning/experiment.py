@@ -360,7 +360,13 @@ class Terminated(KeyboardInterrupt):
     """A SIGTERM, which stops the run the way Ctrl-C does, with its state saved."""
 
 
+# Set when SIGTERM arrives. Inside Ray's own waits the handler's exception reaches the
+# caller as a plain KeyboardInterrupt, so callers check this flag instead of the type.
+TERMINATION = threading.Event()
+
+
 def _raise_terminated(signal_number: int, frame: Any) -> None:
+    TERMINATION.set()
     raise Terminated()
 
 
@@ -418,7 +424,7 @@ def check_trial_resources(config: ExperimentConfig, *, local: bool) -> None:
     largest_gpus = max((node.get("GPU", 0) for node in nodes), default=0)
     problem = (
         f"a trial requests {cpus:g} CPUs and {gpus:g} GPUs (resources.cpus_per_trial and resources.gpus_per_trial), "
-        f"but no node has both; the largest offer {largest_cpus:g} CPUs and {largest_gpus:g} GPUs"
+        f"but no node has both; the most any node has is {largest_cpus:g} CPUs and {largest_gpus:g} GPUs"
     )
     if local:
         raise ConfigError(f"resources: {problem} on this machine; lower them, or run on a cluster with --address")

@@ -146,7 +146,7 @@ def test_same_search_snapshot_accepted(tmp_path):
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        ({"mode": "max"}, "comes from a run that optimised val_loss (max), and this experiment optimises val_loss (min)"),
+        ({"mode": "max"}, "optimised val_loss (max), and this experiment optimises val_loss (min); its best_val_loss column holds each trial's highest value"),
         ({"metric": "val_accuracy", "mode": "max"}, "comes from a run that optimised val_accuracy (max), and this experiment optimises val_loss (min)"),
     ],
     ids=["mode", "metric"],
@@ -175,8 +175,11 @@ def test_changed_parameter_type_accepted(tmp_path):
     assert len(load_warm_start(config_with(tmp_path, EARLIER_RUN))) == 7
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"search": []}', '{"search": {"metric": "val_loss"}}', "[]"],
-                         ids=["invalid_json", "search_list", "no_mode", "list"])
+@pytest.mark.parametrize(
+    "content",
+    ["{not json", '{"search": []}', '{"search": {"metric": "val_loss"}}', "[]", '{"search": {"metric": 5, "mode": null}}'],
+    ids=["invalid_json", "search_list", "no_mode", "list", "wrong_types"],
+)
 def test_unreadable_snapshot_rejected(tmp_path, content):
     (tmp_path / "experiment.json").write_text(content)
 
