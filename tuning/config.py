@@ -14,6 +14,7 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -65,6 +66,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen: dict[Any, yaml.Mark] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                # PyYAML's own construct_mapping reports an unhashable key with its position.
+                break
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None,

@@ -24,6 +24,7 @@ CASES: list[tuple[str, Any, list[str], list[str]]] = [
     ("empty_file", "", [], ["is empty"]),
     ("duplicate_key", "name: a\ntraining: {max_epochs: 5}\ntraining: {max_epochs: 3}\n", [],
      ["key 'training' appears twice (first on line 2); merge the two entries into one", "line 3"]),
+    ("unhashable_key", "name: a\n? [x, y]\n: 1\n", [], ["is not valid YAML", "found unhashable key", "line 2"]),
     ("missing_name", {"name": None}, [], ["name: required key is missing"]),
     ("missing_search", {"search": None}, [], ["search: required key is missing"]),
     ("unknown_top_key", {"serach": {"num_trials": 3}}, [], ["serach: unknown key", "did you mean 'search'"]),
