@@ -53,7 +53,12 @@ def test_results_table_has_every_column(first_run):
     assert (frame["status"] == "TERMINATED").all()
     durations = frame["ended_at"] - frame["started_at"]
     assert (durations > 0).all()
-    assert (durations <= frame["wall_seconds"] + 1.0).all()
+    # Each trial ran inside this run: after the snapshot written before the first trial, and
+    # before results.csv, written last. Ray's wall_seconds of a reused worker can start later
+    # than the trainable's own clock, by more than a second on a busy machine.
+    run_dir = folder / "runs" / "tiny"
+    assert (frame["started_at"] >= (run_dir / "experiment.json").stat().st_mtime - 1.0).all()
+    assert (frame["ended_at"] <= (run_dir / "results.csv").stat().st_mtime + 1.0).all()
     assert frame["trial_id"].is_unique
     assert frame["units_1"].between(32, 128).all()
     assert frame["batch_size"].isin([32, 64]).all()
