@@ -229,10 +229,11 @@ def _half_precision_backbone(config: ExperimentConfig, cnn: Any, dataset: Any) -
         full = compute_embeddings(build_feature_extractor(dataset.raw_shape, dataset.value_range, size, cnn), probe)
         halved = compute_embeddings(build_feature_extractor(dataset.raw_shape, dataset.value_range, size, half), probe)
         scale = float(np.abs(full).max())
+        largest_difference = float(np.abs(halved - full).max())
         if not np.isfinite(halved).all():
             problem = f"In {MIXED_FLOAT16}, the backbone's embeddings of {len(probe)} training images are not finite (float16 overflows above 65504)."
-        elif np.abs(halved - full).max() > PRECISION_TOLERANCE * scale:
-            difference = float(np.abs(halved - full).max()) / scale if scale > 0 else math.inf
+        elif largest_difference > PRECISION_TOLERANCE * scale:
+            difference = largest_difference / scale if scale > 0 else math.inf
             problem = (
                 f"In {MIXED_FLOAT16}, the backbone's embeddings of {len(probe)} training images differ from the {FLOAT32} "
                 f"ones by {difference:.1%} of the largest value (more than {PRECISION_TOLERANCE:.0%}), for example because "
@@ -577,7 +578,7 @@ def _run_tuner(config: ExperimentConfig, embeddings: Any, *, resume: bool) -> tu
     )
     warm_start = load_warm_start(config)
     for point, value in warm_start:
-        searcher.add_evaluated_point(point, value, error=not math.isfinite(value))
+        searcher.add_evaluated_point(point, value)
     finished = sum(math.isfinite(value) for _, value in warm_start)
     if finished:
         logger.info(
