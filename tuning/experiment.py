@@ -595,6 +595,12 @@ def _run_tuner(config: ExperimentConfig, embeddings: Any, *, resume: bool) -> tu
             "Gaussian process chooses none; raise num_trials or lower initial_points",
             search.num_trials, search.initial_points,
         )
+    if space.cardinality is not None and space.cardinality < search.num_trials:
+        logger.warning(
+            "the search space has %d distinct configurations, fewer than search.num_trials (%d): the run ends once "
+            "each has been tried, because a repeated configuration trains the same head again",
+            space.cardinality, search.num_trials,
+        )
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -820,6 +826,7 @@ def _write_outputs(
         report.write_report(
             frame, config, run_dir / "report.md", best_trial=f"{best_trial_number} ({best_trial_id})", wall_seconds=elapsed, model_path=model_path,
             data_summary=_data_summary(data), test_scores=test_scores, resumed=resumed,
+            distinct_configurations=search_space(config).cardinality,
         )
         # results.csv marks the run as finished, so it comes last: if an earlier output
         # fails, the run stays interrupted and --resume writes the outputs again.

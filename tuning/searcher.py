@@ -59,9 +59,12 @@ GRADIENT_PROBES = 200
 # Exploration margin of probability of improvement when none is given.
 DEFAULT_PI_XI = 0.01
 
-# Attempts to draw a random configuration that no trial has used before giving up on a
-# small discrete space.
+# Attempts to draw a random configuration that no trial has used before the unused ones are listed.
 MAX_RESAMPLES = 200
+
+# Largest discrete space whose unused configurations are listed when random draws find none.
+# Listing 100,000 configurations takes a few seconds, and only a nearly used-up space needs it.
+MAX_LISTED_CONFIGURATIONS = 100_000
 
 
 class GaussianProcessSearcher(Searcher):
@@ -78,6 +81,9 @@ class GaussianProcessSearcher(Searcher):
     at the worst value observed so far, so the search moves away from
     configurations that diverge instead of suggesting them again.
     `mode="min"` is handled by negating the metric internally.
+    Suggestions avoid configurations that a trial has used. Once a discrete
+    space has none left, `suggest` logs a warning and returns
+    `Searcher.FINISHED`, so the run ends with fewer trials than asked for.
 
     Args:
         space: The search space: a `SearchSpace`, or a dictionary of Ray Tune
@@ -184,8 +190,11 @@ class GaussianProcessSearcher(Searcher):
         self._mode = mode or self._mode
         return True
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        """Return the next configuration for `trial_id`, inside the bounds and of the declared types."""
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        """Return the next configuration for `trial_id`, inside the bounds and of the declared types.
+
+        Returns `Searcher.FINISHED` once every configuration of a discrete space is used.
+        """
         if self._space is None:
             raise RuntimeError(
                 "GaussianProcessSearcher has no search space: pass one to the constructor "
@@ -199,6 +208,9 @@ class GaussianProcessSearcher(Searcher):
 
         if self._points_to_evaluate:
             config = self._space.canonical(self._points_to_evaluate.pop(0))
+        elif self._space_exhausted(self._used_keys()):
+            # Each trial's seed comes from its configuration, so a repeat would train the same head again.
+            return Searcher.FINISHED
         elif self._random_suggestions + self._added_points < self._initial_points or len(self._observations) < MIN_OBSERVATIONS_FOR_GP:
             # Points added from an earlier run count towards the initial design.
             config = self._suggest_random()
@@ -342,8 +354,8 @@ class GaussianProcessSearcher(Searcher):
         exhausted = cardinality is not None and len(used_keys) >= cardinality
         if exhausted and not self._exhausted_warned:
             logger.warning(
-                "every one of the %d configurations of the search space has been suggested; "
-                "further trials repeat configurations",
+                "every one of the %d configurations of the search space has been suggested; the search ends "
+                "after these trials, because a repeated configuration trains the same head again",
                 cardinality,
             )
             self._exhausted_warned = True
@@ -359,13 +371,15 @@ class GaussianProcessSearcher(Searcher):
         return self._random_unused(used_keys)
 
     def _random_unused(self, used_keys: set[tuple]) -> dict[str, Any]:
-        config = self._space.from_unit(self._rng.random(len(self._space.parameters)))
-        if self._space_exhausted(used_keys):
-            return config
         for _ in range(MAX_RESAMPLES):
+            config = self._space.from_unit(self._rng.random(len(self._space.parameters)))
             if self._space.key(config) not in used_keys:
                 return config
-            config = self._space.from_unit(self._rng.random(len(self._space.parameters)))
+        cardinality = self._space.cardinality
+        if cardinality is not None and cardinality <= MAX_LISTED_CONFIGURATIONS:
+            unused = [candidate for candidate in self._space.configurations() if self._space.key(candidate) not in used_keys]
+            if unused:
+                return unused[int(self._rng.integers(len(unused)))]
         return config
 
     def _suggest_from_gp(self) -> dict[str, Any]:
@@ -377,9 +391,6 @@ class GaussianProcessSearcher(Searcher):
             self._gp_announced = True
 
         used_keys = self._used_keys()
-        if self._space_exhausted(used_keys):
-            return self._space.from_unit(self._rng.random(len(self._space.parameters)))
-
         with threadpool_limits(limits=1):
             # The matrices are small (a few hundred rows), so BLAS threads cost more than they
             # save: on 2 cores they made each suggestion several times slower.

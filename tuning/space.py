@@ -11,7 +11,9 @@ declared type inside the declared bounds.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -86,6 +88,18 @@ class Parameter:
         if self.kind == "int":
             return int(self.high) - int(self.low) + 1
         return None
+
+    def discrete_values(self) -> tuple[Any, ...]:
+        """Return every value of an `int` or `choice` parameter, in order.
+
+        Raises:
+            ValueError: for a continuous parameter.
+        """
+        if self.kind == "choice":
+            return tuple(self.values)
+        if self.kind == "int":
+            return tuple(range(int(self.low), int(self.high) + 1))
+        raise ValueError(f"parameter {self.name!r} is continuous ({self.kind}) and has no list of values")
 
     def from_unit(self, u: float) -> Any:
         """Map u in [0, 1] to a value so that uniform u gives the parameter's prior.
@@ -267,6 +281,15 @@ class SearchSpace:
                 return None
             total *= parameter.cardinality
         return total
+
+    def configurations(self) -> Iterator[dict[str, Any]]:
+        """Yield every configuration of a space of `int` and `choice` parameters.
+
+        Raises:
+            ValueError: when a parameter is continuous.
+        """
+        for values in itertools.product(*(parameter.discrete_values() for parameter in self.parameters)):
+            yield dict(zip(self.names, values))
 
     def from_unit(self, unit_row: np.ndarray) -> dict[str, Any]:
         """Map one row of the unit cube (one column per parameter) to a configuration."""

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from cli_support import TINY_EXPERIMENT, run_cli
+from cli_support import TINY_EXPERIMENT, run_cli, tiny_experiment, write_experiment
 
 PARAMETERS = list(TINY_EXPERIMENT["search"]["space"])
 
@@ -145,3 +145,21 @@ def test_existing_run_folder_rejected(first_run):
     assert completed.returncode == 2
     assert "already contains a finished experiment" in completed.stderr
     assert "--name" in completed.stderr
+
+
+def test_run_ends_when_space_used_up(first_run, tmp_path):
+    folder, _, _ = first_run
+    space = {"batch_size": {"type": "choice", "values": [32, 64]}, "units_1": {"type": "int", "low": 32, "high": 33}}
+    experiment = write_experiment(tmp_path / "discrete.yaml", tiny_experiment(**{"search.space": space, "search.num_trials": 6}))
+
+    completed = run_cli(experiment, folder / "runs", folder / "cache", "--name", "discrete")
+
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    frame = pd.read_csv(folder / "runs" / "discrete" / "results.csv")
+    assert sorted(zip(frame["batch_size"], frame["units_1"])) == [(32, 32), (32, 33), (64, 32), (64, 33)]
+    assert "the search space has 4 distinct configurations, fewer than search.num_trials (6)" in completed.stderr
+    assert completed.stderr.count("every one of the 4 configurations of the search space has been suggested") == 1
+    assert re.search(r"Best trial \d{5} \(\w+\) of 4 \(0 failed\)", completed.stdout)
+    report = (folder / "runs" / "discrete" / "report.md").read_text()
+    assert "4 trials (4 completed, 0 failed)" in report
+    assert "The search space has 4 distinct configurations, fewer than `num_trials` (6)" in report

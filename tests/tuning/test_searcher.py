@@ -142,21 +142,34 @@ def test_penalty_spreads_near_optimum():
     assert len({searcher.space.key(config) for config in pending}) == 4
 
 
-def test_small_discrete_space_never_stops():
+def test_discrete_space_ends_when_used_up(caplog):
     space = {"units_1": tune.randint(1, 4), "batch_size": tune.choice([32, 64])}
     searcher = GaussianProcessSearcher(space, metric="loss", mode="min", initial_points=2, seed=0)
     configs = []
-    for index in range(10):
-        config = searcher.suggest(f"t{index}")
-        assert config is not None
-        assert config is not Searcher.FINISHED
-        configs.append(config)
-        searcher.on_trial_complete(f"t{index}", {"loss": config["units_1"] + config["batch_size"] / 64})
+    with caplog.at_level(logging.WARNING, logger="tuning.searcher"):
+        for index in range(6):
+            config = searcher.suggest(f"t{index}")
+            assert isinstance(config, dict)
+            configs.append(config)
+            searcher.on_trial_complete(f"t{index}", {"loss": config["units_1"] + config["batch_size"] / 64})
+        ends = [searcher.suggest(f"end{index}") for index in range(3)]
 
-    distinct = {(config["units_1"], config["batch_size"]) for config in configs}
-    # All six configurations come first; only then do repeats start.
-    assert len({(config["units_1"], config["batch_size"]) for config in configs[:6]}) == 6
-    assert len(distinct) == 6
+    assert len({(config["units_1"], config["batch_size"]) for config in configs}) == 6
+    assert ends == [Searcher.FINISHED] * 3
+    warnings = [record for record in caplog.records if "every one of the 6 configurations" in record.message]
+    assert len(warnings) == 1
+    assert len(searcher.observations) == 6
+
+
+def test_running_trials_use_up_space():
+    searcher = GaussianProcessSearcher({"a": tune.choice(["x", "y", "z"])}, metric="loss", mode="max", initial_points=1, seed=0)
+    running = [searcher.suggest(f"t{index}") for index in range(3)]
+
+    assert sorted(config["a"] for config in running) == ["x", "y", "z"]
+    assert searcher.suggest("t3") == Searcher.FINISHED
+    # A failed trial's configuration stays used: the search does not retry it.
+    searcher.on_trial_complete("t0", None, error=True)
+    assert searcher.suggest("t4") == Searcher.FINISHED
 
 
 def test_failed_trials_kept_apart():
@@ -363,16 +376,14 @@ def test_optimum_on_boundary_reached(mode, target):
     assert abs(best - target) < 0.02
 
 
-def test_exhausted_space_warns_once(caplog):
-    space = {"units_1": tune.randint(1, 3), "activation": tune.choice(["relu", "tanh"])}
-    searcher = GaussianProcessSearcher(space, metric="loss", mode="min", initial_points=2, seed=0)
 
-    with caplog.at_level(logging.WARNING, logger="tuning.searcher"):
-        for index in range(12):
-            config = searcher.suggest(f"t{index}")
-            assert config is not None
-            searcher.on_trial_complete(f"t{index}", {"loss": float(config["units_1"])})
 
-    warnings = [record for record in caplog.records if "every one of the 4 configurations" in record.message]
-    assert len(warnings) == 1
-    assert len(searcher.observations) == 12
+def test_last_unused_configuration_found():
+    # 2,999 of 3,000 values used: 200 random draws find the last one only about 6% of the time.
+    searcher = GaussianProcessSearcher({"units": tune.randint(1, 3001)}, metric="loss", mode="min", initial_points=5000, seed=0)
+    for units in range(1, 3001):
+        if units != 1234:
+            searcher.add_evaluated_point({"units": units}, float(units))
+
+    assert searcher.suggest("t0") == {"units": 1234}
+    assert searcher.suggest("t1") == Searcher.FINISHED
