@@ -423,6 +423,19 @@ class SearchConfig(_Strict):
             raise ValueError("warm_start is empty; give the results.csv of an earlier run or remove warm_start")
         return warm_start
 
+    @property
+    def distinct_configurations(self) -> int | None:
+        """Number of configurations of a space of `int` and `choice` parameters; None when any parameter is continuous."""
+        total = 1
+        for parameter in self.space.values():
+            if isinstance(parameter, ChoiceParameter):
+                total *= len(parameter.values)
+            elif isinstance(parameter, IntParameter):
+                total *= parameter.high - parameter.low + 1
+            else:
+                return None
+        return total
+
     @model_validator(mode="after")
     def _default_mode(self) -> SearchConfig:
         if self.mode is None:
@@ -924,6 +937,13 @@ def load_warm_start(config: ExperimentConfig) -> list[tuple[dict[str, Any], floa
         observations.append((point, value))
     if problems:
         raise ConfigError(f"{field} does not fit the current search space (it changed since that run):\n" + "\n".join(f"  {problem}" for problem in problems))
+    size = config.search.distinct_configurations
+    tried = {tuple(point.values()) for point, _ in observations}
+    if size is not None and len(tried) >= size and not config.search.points_to_evaluate:
+        raise ConfigError(
+            f"{field} has tried every one of the {size} configurations of the search space, so no trial is left to run; "
+            "widen search.space or remove warm_start"
+        )
     return observations
 
 

@@ -595,11 +595,11 @@ def _run_tuner(config: ExperimentConfig, embeddings: Any, *, resume: bool) -> tu
             "Gaussian process chooses none; raise num_trials or lower initial_points",
             search.num_trials, search.initial_points,
         )
-    if space.cardinality is not None and space.cardinality < search.num_trials:
+    if search.distinct_configurations is not None and search.distinct_configurations < search.num_trials:
         logger.warning(
             "the search space has %d distinct configurations, fewer than search.num_trials (%d): the run ends once "
             "each has been tried, because a repeated configuration trains the same head again",
-            space.cardinality, search.num_trials,
+            search.distinct_configurations, search.num_trials,
         )
     tuner = tune.Tuner(
         trainable,
@@ -795,6 +795,10 @@ def _write_outputs(
     wait_for_export_imports()
     parameter_names = search_space(config).names
     frame = report.results_frame(results, parameter_names, config.search.metric)
+    if frame.empty:
+        # load_warm_start rejects a warm start that leaves no configuration untried, so only a searcher that
+        # returned FINISHED at its first suggestion gets here.
+        raise ExperimentError(f"no trial ran in {config.run_dir()}; the searcher suggested no configuration")
     finished = frame[frame["status"] == report.STATUS_COMPLETED]
     if finished.empty:
         # results.csv still records each trial's reason, so the user can see what to change.
@@ -826,7 +830,6 @@ def _write_outputs(
         report.write_report(
             frame, config, run_dir / "report.md", best_trial=f"{best_trial_number} ({best_trial_id})", wall_seconds=elapsed, model_path=model_path,
             data_summary=_data_summary(data), test_scores=test_scores, resumed=resumed,
-            distinct_configurations=search_space(config).cardinality,
         )
         # results.csv marks the run as finished, so it comes last: if an earlier output
         # fails, the run stays interrupted and --resume writes the outputs again.

@@ -139,14 +139,13 @@ def write_report(
     test_scores: dict[str, Any] | None = None,
     top: int = 5,
     resumed: bool = False,
-    distinct_configurations: int | None = None,
 ) -> Path:
     """Write report.md: the experiment, the best trials, failed trials and why, time spent.
 
     With `resumed`, `wall_seconds` covers only the command that resumed the
-    run, and the report states it. `distinct_configurations` is the size of a
-    discrete search space (None for a continuous one); when it is below
-    `num_trials`, the report says why the search ended early.
+    run, and the report states it. When the search space has fewer
+    configurations than `num_trials`, the report gives the reason the search ended
+    early.
     """
     metric, mode = config.search.metric, config.search.mode
     parameters = list(config.search.space)
@@ -170,9 +169,7 @@ def write_report(
         f"({'from the cache' if data_summary['embedding_cache_hit'] else 'in this run'})",
         f"- Search: Gaussian process with `{config.search.acquisition}`, {config.search.initial_points} initial space-filling random points (Latin hypercube), "
         f"metric `{metric}` ({mode}), at most {config.search.max_concurrent} trials at a time, seed {config.search.seed}",
-        *([f"- The search space has {distinct_configurations} distinct configurations, fewer than `num_trials` "
-           f"({config.search.num_trials}), so the search ended once each had been tried"]
-          if distinct_configurations is not None and distinct_configurations < config.search.num_trials else []),
+        *_space_size_lines(config.search),
         f"- Training: at most {config.training.max_epochs} epochs, early stop after {config.training.patience} epochs "
         f"without improvement; scheduler `{config.scheduler.name}`",
         "",
@@ -207,6 +204,14 @@ def write_report(
     temporary.write_text("\n".join(lines))
     os.replace(temporary, path)
     return path
+
+
+def _space_size_lines(search: Any) -> list[str]:
+    """Return the set-up line that explains a run shorter than `num_trials` because the space ran out, if it did."""
+    size = search.distinct_configurations
+    if size is None or size >= search.num_trials:
+        return []
+    return [f"- The search space has {size} distinct configurations, fewer than `num_trials` ({search.num_trials}), so the search ended once each had been tried"]
 
 
 def _test_lines(test_scores: dict[str, Any] | None, model_name: str) -> list[str]:

@@ -224,3 +224,22 @@ def test_empty_path_rejected():
 
     with pytest.raises(ConfigError, match="search.warm_start: warm_start is empty; give the results.csv of an earlier run"):
         parse_experiment(data)
+
+
+def batch_size_only(data: dict) -> None:
+    data["search"]["space"] = {"batch_size": {"type": "choice", "values": [32, 64, 128, 256]}}
+
+
+def test_every_configuration_tried_rejected(tmp_path):
+    frame = pd.DataFrame({"batch_size": [32, 64, 128, 256, 64], "best_val_loss": [0.3, 0.2, float("nan"), 0.4, 0.25]})
+
+    with pytest.raises(ConfigError, match=r"tried every one of the 4 configurations .* widen search.space or remove warm_start"):
+        load_warm_start(config_with(tmp_path, frame, batch_size_only))
+
+
+def test_untried_configuration_accepted(tmp_path):
+    frame = pd.DataFrame({"batch_size": [32, 64, 128, 64], "best_val_loss": [0.3, 0.2, 0.1, 0.25]})
+
+    observations = load_warm_start(config_with(tmp_path, frame, batch_size_only))
+
+    assert [point["batch_size"] for point, _ in observations] == [32, 64, 128, 64]
