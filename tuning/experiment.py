@@ -595,12 +595,19 @@ def _run_tuner(config: ExperimentConfig, embeddings: Any, *, resume: bool) -> tu
             "Gaussian process chooses none; raise num_trials or lower initial_points",
             search.num_trials, search.initial_points,
         )
-    if search.distinct_configurations is not None and search.distinct_configurations < search.num_trials:
-        logger.warning(
-            "the search space has %d distinct configurations, fewer than search.num_trials (%d): the run ends once "
-            "each has been tried, because a repeated configuration trains the same head again",
-            search.distinct_configurations, search.num_trials,
-        )
+    # The searcher ends once every configuration of a discrete space has been used, warm-start ones included.
+    expected_trials = search.num_trials
+    if search.distinct_configurations is not None:
+        tried = len({tuple(point.values()) for point, _ in warm_start})
+        untried = search.distinct_configurations - tried
+        if untried < search.num_trials:
+            expected_trials = untried
+            logger.warning(
+                "the search space has %d distinct configurations%s, fewer than search.num_trials (%d): the run ends "
+                "once each has been tried, because a repeated configuration trains the same head again",
+                search.distinct_configurations, f" and the warm start tried {tried}, which leaves {untried}" if tried else "",
+                search.num_trials,
+            )
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -617,7 +624,7 @@ def _run_tuner(config: ExperimentConfig, embeddings: Any, *, resume: bool) -> tu
             # itself ends with a `failure` report instead of raising (see train_head).
             failure_config=tune.FailureConfig(max_failures=config.training.max_failures),
             callbacks=[
-                ProgressLogger(search.num_trials, search.metric, search.mode), ExportPreloader(search.num_trials),
+                ProgressLogger(expected_trials, search.metric, search.mode), ExportPreloader(expected_trials),
                 CSVLoggerCallback(), JsonLoggerCallback(),
             ],
         ),

@@ -160,6 +160,18 @@ def test_run_ends_when_space_used_up(first_run, tmp_path):
     assert "the search space has 4 distinct configurations, fewer than search.num_trials (6)" in completed.stderr
     assert completed.stderr.count("every one of the 4 configurations of the search space has been suggested") == 1
     assert re.search(r"Best trial \d{5} \(\w+\) of 4 \(0 failed\)", completed.stdout)
+    assert "4 of 4 done" in completed.stderr
     report = (folder / "runs" / "discrete" / "report.md").read_text()
     assert "4 trials (4 completed, 0 failed)" in report
     assert "The search space has 4 distinct configurations, fewer than `num_trials` (6)" in report
+
+    # A warm start from that run leaves 2 of the 6 configurations of a wider space.
+    space["batch_size"]["values"] = [32, 64, 128]
+    warm = tiny_experiment(**{"search.space": space, "search.num_trials": 6, "search.warm_start": str(folder / "runs" / "discrete" / "results.csv")})
+    completed = run_cli(write_experiment(tmp_path / "warm.yaml", warm), folder / "runs", folder / "cache", "--name", "discrete_warm")
+
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    frame = pd.read_csv(folder / "runs" / "discrete_warm" / "results.csv")
+    assert sorted(zip(frame["batch_size"], frame["units_1"])) == [(128, 32), (128, 33)]
+    assert "the search space has 6 distinct configurations and the warm start tried 4, which leaves 2" in completed.stderr
+    assert "2 of 2 done" in completed.stderr
