@@ -106,11 +106,12 @@ def _report_interrupted(config: Any) -> None:
 @main.command()
 @click.argument("experiment", type=click.Path(dir_okay=False, path_type=str))
 def check(experiment: str) -> None:
-    """Validate EXPERIMENT, including its datasets, and print it as YAML with every default filled in."""
+    """Validate EXPERIMENT, including its datasets, warm start and storage, and print it as YAML with every default filled in."""
     try:
         config = load_experiment(experiment)
         check_datasets(config)
         load_warm_start(config)
+        check_storage_writable(config)
     except ConfigError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_INVALID_INPUT)

@@ -14,7 +14,8 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -769,10 +770,12 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None, o
 
 
 def check_storage_writable(config: ExperimentConfig) -> None:
-    """Create the local storage folder if needed and write a probe file in it.
+    """Check that the local storage folder can be created and written, and leave the file system as it was.
 
     Permission bits alone are not enough: root passes every permission check,
-    and /proc rejects new folders whatever its bits are. So the probe is a real write.
+    and /proc rejects new folders whatever its bits are. So the probe creates
+    the missing folders and writes a file, then removes what it created; the
+    run creates the folders again when it writes its outputs.
 
     Raises:
         ConfigError: naming the storage value and the fix.
@@ -783,14 +786,36 @@ def check_storage_writable(config: ExperimentConfig) -> None:
     check_storage_not_file(config)
     folder = Path(config.storage_path())
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".frozen-tune-probe-"):
+        with temporary_folders(folder), tempfile.NamedTemporaryFile(dir=folder, prefix=".frozen-tune-probe-"):
             pass
     except OSError as error:
         raise ConfigError(
             f"storage: {config.storage!r} is not writable ({error.strerror or error}); "
             "pass --storage with a folder you can write to"
         ) from None
+
+
+@contextmanager
+def temporary_folders(folder: Path) -> Iterator[None]:
+    """Create `folder` and its missing parents for the block, then remove the ones this created.
+
+    A folder that is no longer empty when the block ends, because another
+    process wrote into it meanwhile, stays with its parents.
+
+    Raises:
+        OSError: when a folder cannot be created.
+    """
+    created = [path for path in (folder, *folder.parents) if not path.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        yield
+    finally:
+        # Deepest first, so each folder is empty when its turn comes.
+        for path in created:
+            try:
+                path.rmdir()
+            except OSError:
+                break
 
 
 def _check_storage_uri(uri: str) -> None:

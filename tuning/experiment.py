@@ -396,10 +396,14 @@ def start_ray(address: str | None, *, dashboard: bool = False) -> bool:
         _check_reachable(address)
         try:
             ray.init(address=address, runtime_env=runtime_env, configure_logging=False)
+        except ray.exceptions.AuthenticationError:
+            from tuning.jobs import TOKEN_HELP
+
+            raise ExperimentError(f"the Ray cluster at {address!r} requires an authentication token and none was found; {TOKEN_HELP}") from None
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise ExperimentError(
-                f"cannot connect to Ray at {address!r}: {str(error).rstrip('.')}; check the address (auto, ray://HOST:10001 or HOST:6379) "
-                "and that the cluster is running"
+                f"cannot connect to Ray at {address!r}: {str(error).rstrip('.')}; check the address (auto, ray://HOST:10001 or HOST:6379), "
+                f"that the cluster is running{_token_hint()}"
             ) from None
     # Ray's core worker installs a handler that prints a stack dump and ends the process on
     # SIGTERM. This one unwinds like Ctrl-C, so Ray shuts down and the saved state can resume.
@@ -432,6 +436,23 @@ def check_trial_resources(config: ExperimentConfig, *, local: bool) -> None:
     logger.warning("%s; the trials wait until the cluster adds such a node", problem)
 
 
+def _token_hint() -> str:
+    """Return the end of a connection error: the source of the token this client sent, or that it found none.
+
+    A cluster with token authentication rejects a wrong token with the same
+    connection error as a dead cluster, after Ray's retries.
+    """
+    from tuning.jobs import JobError, TOKEN_HELP, read_token
+
+    try:
+        token = read_token()
+    except JobError as error:
+        return f", and that the token can be read: {error}"
+    if token is None:
+        return f", and, if the cluster checks tokens, that this machine has its token: {TOKEN_HELP}"
+    return f", and, if the cluster checks tokens, that the token from {token.source} is the cluster's ({TOKEN_HELP})"
+
+
 def _check_reachable(address: str) -> None:
     """Fail within seconds when nothing listens at a HOST:PORT or ray://HOST:PORT address.
 
@@ -439,6 +460,11 @@ def _check_reachable(address: str) -> None:
     """
     if address == "auto":
         return
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"{address!r} is a dashboard address, which `frozen-tune submit` and `frozen-tune jobs` take; "
+            "`run --address` takes auto, HOST:PORT (e.g. 10.0.0.5:6379) or ray://HOST:10001"
+        )
     host_port = address.split("://", 1)[-1].rsplit("/", 1)[0]
     host, _, port = host_port.rpartition(":")
     if not host or not port.isdigit():

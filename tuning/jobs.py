@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import http.client
 import logging
 import os
 import secrets
@@ -167,7 +168,27 @@ def connect(address: str) -> Any:
     except AuthenticationError as error:
         raise _authentication_error(url, token, error) from None
     except (ConnectionError, RuntimeError) as error:
+        if _answered_without_http(error):
+            raise JobError(
+                f"{url} does not respond in HTTP, so it is not the Ray dashboard; Ray's GCS (6379) and Ray Client (10001) "
+                "ports use gRPC. Use the dashboard's address (port 8265 by default)"
+            ) from None
         raise JobError(f"cannot talk to the Ray dashboard at {url}: {error}; check that this is the dashboard's address (port 8265 by default)") from None
+
+
+def _answered_without_http(error: BaseException) -> bool:
+    """Tell whether an error from requests wraps an `http.client` error, such as the BadStatusLine a gRPC port causes."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, http.client.HTTPException):
+            return True
+        pending.extend(argument for argument in getattr(current, "args", ()) if isinstance(argument, BaseException))
+        pending.extend(cause for cause in (current.__cause__, current.__context__) if cause is not None)
+    return False
 
 
 def _check_reachable(url: str) -> None:
@@ -184,16 +205,19 @@ def _check_reachable(url: str) -> None:
         ) from None
 
 
+# Places a client reads the cluster token from, for error messages.
+TOKEN_HELP = (
+    f"set {TOKEN_VARIABLE}, or {TOKEN_PATH_VARIABLE} to a file that contains it, or save it as {DEFAULT_TOKEN_FILE}; "
+    "`ray get-auth-token` on the head node prints it"
+)
+
+
 def _authentication_error(url: str, token: Token | None, error: Exception) -> JobError:
     # Ray's client raises AuthenticationError with "Authentication required" for HTTP 401
     # (no token sent) and "Authentication failed" for HTTP 403 (wrong token).
-    where_to_find = (
-        f"set {TOKEN_VARIABLE}, or {TOKEN_PATH_VARIABLE} to a file that contains it, or save it as {DEFAULT_TOKEN_FILE}; "
-        "`ray get-auth-token` on the head node prints it"
-    )
     if token is None or str(error).startswith("Authentication required"):
-        return JobError(f"the Ray cluster at {url} requires an authentication token (HTTP 401) and none was found; {where_to_find}")
-    return JobError(f"the Ray cluster at {url} rejected the token from {token.source} (HTTP 403); use the cluster's token: {where_to_find}")
+        return JobError(f"the Ray cluster at {url} requires an authentication token (HTTP 401) and none was found; {TOKEN_HELP}")
+    return JobError(f"the Ray cluster at {url} rejected the token from {token.source} (HTTP 403); use the cluster's token: {TOKEN_HELP}")
 
 
 class _TimedJobSubmissionClient(JobSubmissionClient):

@@ -12,7 +12,7 @@ from typing import Iterator
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from tuning.config import ConfigError, ExperimentConfig
+from tuning.config import ConfigError, ExperimentConfig, temporary_folders
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ def check_storage_shared(config: ExperimentConfig) -> None:
     the results, so a folder that exists on one node only would scatter the
     run over several disks. The driver writes a probe file with a random
     content into the storage folder, and a task pinned to each node reads it
-    back. Cloud URIs (s3://, gs://) pass without a check.
+    back. The folders the probe needed are removed again afterwards. Cloud
+    URIs (s3://, gs://) pass without a check.
 
     NOTE: nodes that join later (autoscaling) are not checked.
 
@@ -49,23 +50,12 @@ def check_storage_shared(config: ExperimentConfig) -> None:
     folder = Path(config.storage_path())
     content = secrets.token_hex(16)
     probe = folder / f"{PROBE_PREFIX}{content[:8]}"
-    probe.write_text(content, encoding="utf-8")
-
-    read_probe = ray.remote(num_cpus=0, max_retries=0)(_read_probe)
-    try:
-        pending = [
-            read_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(str(probe))
-            for node in nodes
-        ]
+    with temporary_folders(folder):
+        probe.write_text(content, encoding="utf-8")
         try:
-            answers = ray.get(pending, timeout=PROBE_TIMEOUT_SECONDS)
-        except ray.exceptions.GetTimeoutError:
-            raise ConfigError(
-                f"storage: the check that every node can reach {str(folder)!r} timed out after {PROBE_TIMEOUT_SECONDS} s; "
-                "check `ray status` for nodes that are starting or unhealthy"
-            ) from None
-    finally:
-        probe.unlink(missing_ok=True)
+            answers = _read_on_every_node(probe, nodes, folder)
+        finally:
+            probe.unlink(missing_ok=True)
 
     missing = [node for node, answer in zip(nodes, answers) if answer != content]
     if missing:
@@ -76,6 +66,26 @@ def check_storage_shared(config: ExperimentConfig) -> None:
             "mounted at the same path on every node (NFS, EFS, Filestore), or a URI such as s3://bucket/runs or gs://bucket/runs"
         )
     logger.info("storage %s is reachable from all %d nodes", folder, len(nodes))
+
+
+def _read_on_every_node(probe: Path, nodes: list[dict], folder: Path) -> list[str | None]:
+    """Read `probe` in a task pinned to each node and return what each one read (None where it could not).
+
+    Raises:
+        ConfigError: when the tasks do not finish within PROBE_TIMEOUT_SECONDS.
+    """
+    read_probe = ray.remote(num_cpus=0, max_retries=0)(_read_probe)
+    pending = [
+        read_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(str(probe))
+        for node in nodes
+    ]
+    try:
+        return ray.get(pending, timeout=PROBE_TIMEOUT_SECONDS)
+    except ray.exceptions.GetTimeoutError:
+        raise ConfigError(
+            f"storage: the check that every node can reach {str(folder)!r} timed out after {PROBE_TIMEOUT_SECONDS} s; "
+            "check `ray status` for nodes that are starting or unhealthy"
+        ) from None
 
 
 @contextmanager

@@ -127,6 +127,34 @@ def test_submit_with_wrong_token_rejected(two_node_cluster):
     assert len(submitted_jobs(two_node_cluster)) == before
 
 
+@pytest.mark.parametrize(
+    ("token", "auth_mode", "expected"),
+    [
+        (None, None, "if the cluster checks tokens, that this machine has its token: set RAY_AUTH_TOKEN"),
+        (None, "token", "requires an authentication token and none was found; set RAY_AUTH_TOKEN"),
+        ("0" * 64, None, "if the cluster checks tokens, that the token from RAY_AUTH_TOKEN is the cluster's"),
+    ],
+    ids=["none", "none-token-mode", "wrong"],
+)
+def test_run_address_token_problem_named(two_node_cluster, token, auth_mode, expected):
+    name = f"run-token-{'none' if token is None else 'wrong'}-{auth_mode}"
+    environment = two_node_cluster.client_environment(token=token)
+    if auth_mode:
+        environment["RAY_AUTH_MODE"] = auth_mode
+
+    completed = subprocess.run(
+        [sys.executable, "-m", "tuning", "run", str(QUICKSTART), "--address", two_node_cluster.gcs_address,
+         "--storage", str(two_node_cluster.shared_storage), "--name", name],
+        capture_output=True, text=True, env=environment, timeout=COMMAND_TIMEOUT_SECONDS,
+    )
+
+    assert completed.returncode == 1
+    assert expected in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert "0" * 64 not in completed.stderr
+    assert not (two_node_cluster.shared_storage / name).exists()
+
+
 def test_token_from_token_path(two_node_cluster, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(two_node_cluster.token + "\n")

@@ -288,6 +288,34 @@ def test_cli_rejects_non_folder_as_run_folder(tmp_path, kind, resume):
     assert sorted(path.name for path in storage.iterdir()) == ["quickstart"]
 
 
+@pytest.mark.parametrize(
+    ("storage", "expected"),
+    [
+        ("/proc/frozen-tune-runs", "storage: '/proc/frozen-tune-runs' is not writable"),
+        ("foo://bucket/runs", "storage: 'foo://bucket/runs' is not a URI that pyarrow can open"),
+    ],
+    ids=["unwritable", "unknown-scheme"],
+)
+def test_check_command_checks_storage(tmp_path, storage, expected):
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(changed("storage", storage)))
+
+    completed = subprocess.run([sys.executable, "-m", "tuning", "check", str(path)], capture_output=True, text=True, timeout=60)
+
+    assert completed.returncode == 2
+    assert expected in completed.stderr
+
+
+def test_check_command_leaves_no_storage_folder(tmp_path):
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(changed("storage", str(tmp_path / "new" / "runs"))))
+
+    completed = subprocess.run([sys.executable, "-m", "tuning", "check", str(path)], capture_output=True, text=True, timeout=60)
+
+    assert completed.returncode == 0, completed.stderr
+    assert not (tmp_path / "new").exists()
+
+
 def test_cli_rejects_storage_under_proc(tmp_path):
     completed = subprocess.run(
         [sys.executable, "-m", "tuning", "run", str(QUICKSTART), "--storage", "/proc/frozen-tune-runs"],
@@ -301,8 +329,12 @@ def test_cli_rejects_storage_under_proc(tmp_path):
 
 @pytest.mark.parametrize(
     ("address", "exit_code", "expected"),
-    [("127.0.0.1:1", 1, "cannot reach Ray at '127.0.0.1:1'"), ("bogus", 2, "invalid Ray address 'bogus'; use auto, HOST:PORT")],
-    ids=["unreachable", "malformed"],
+    [
+        ("127.0.0.1:1", 1, "cannot reach Ray at '127.0.0.1:1'"),
+        ("bogus", 2, "invalid Ray address 'bogus'; use auto, HOST:PORT"),
+        ("http://127.0.0.1:8265", 2, "'http://127.0.0.1:8265' is a dashboard address, which `frozen-tune submit`"),
+    ],
+    ids=["unreachable", "malformed", "dashboard"],
 )
 def test_cli_bad_address_fails_fast(tmp_path, address, exit_code, expected):
     completed = subprocess.run(

@@ -212,7 +212,8 @@ def test_unavailable_resources_rejected(tmp_path, cache, cpus, gpus):
     assert completed.returncode == 2, completed.stderr[-3000:]
     assert f"error: resources: a trial requests {cpus} CPUs and {gpus} GPUs" in completed.stderr
     assert "lower them, or run on a cluster with --address" in completed.stderr
-    assert not (tmp_path / "runs" / "big").exists()
+    # The storage check before Ray removes the folders it created, so nothing is left.
+    assert not (tmp_path / "runs").exists()
 
 
 def test_dashboard_address_logged(tmp_path, cache):

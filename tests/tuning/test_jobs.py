@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -226,6 +227,31 @@ def test_cli_unreachable_address(tmp_path):
         assert f"cannot reach the Ray dashboard at {address}" in completed.stderr
         assert "Traceback" not in completed.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_cli_grpc_port_named(tmp_path):
+    # A server that responds like Ray's GCS port: bytes that are not an HTTP status line.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+
+        def answer() -> None:
+            while True:
+                try:
+                    connection, _ = server.accept()
+                except OSError:
+                    return
+                with connection:
+                    # The reachability probe connects and closes without sending; a request gets the bytes.
+                    if connection.recv(4096):
+                        connection.sendall(b"\x00\x00\x18\x04\x00\x00\x00\x00\x00")
+
+        threading.Thread(target=answer, daemon=True).start()
+        completed = frozen_tune("jobs", "list", "--address", f"http://127.0.0.1:{server.getsockname()[1]}", home=tmp_path)
+
+    assert completed.returncode == 1
+    assert "does not respond in HTTP, so it is not the Ray dashboard" in completed.stderr
+    assert "port 8265 by default" in completed.stderr
 
 
 def test_cli_ray_client_address_rejected(tmp_path):
