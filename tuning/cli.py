@@ -58,12 +58,14 @@ def run(experiment: str, address: str | None, num_trials: int | None, storage: s
         check_datasets(config)
         load_warm_start(config)
         check_storage_writable(config)
+        # Ray and TensorFlow load only after the experiment file is known to be valid.
+        from tuning.experiment import TERMINATION, ExperimentError, run_experiment
     except ConfigError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_INVALID_INPUT)
-
-    # Ray and TensorFlow load only after the experiment file is known to be valid.
-    from tuning.experiment import TERMINATION, ExperimentError, run_experiment
+    except KeyboardInterrupt:
+        click.echo("interrupted before Ray started; nothing to resume. Run the command again to start over.", err=True)
+        sys.exit(EXIT_INTERRUPTED)
 
     try:
         outcome = run_experiment(config, address=address, dashboard=dashboard, resume=resume)

@@ -850,23 +850,29 @@ def _write_outputs(
     best_hyperparameters = config.head_hyperparameters(best_tuned)
     best_metrics = {name: _python_value(best_row[name]) for name in report.best_metric_columns(frame)}
 
-    with output_folder(config) as run_dir:
-        report.plot_convergence(frame, config.search.metric, config.search.mode, run_dir / "convergence.png")
-        model_path = _export_best_model(config, data, best_result, best_hyperparameters, run_dir / "best_model.keras")
-        test_scores = score_on_test(config, model_path)
-        _write_json(run_dir / "best_config.json", {
-            "trial_number": best_trial_number, "trial_id": best_trial_id, "hyperparameters": best_hyperparameters,
-            "metrics": best_metrics,
-            "metric": config.search.metric, "mode": config.search.mode,
-            "test": test_scores,
-        })
-        report.write_report(
-            frame, config, run_dir / "report.md", best_trial=f"{best_trial_number} ({best_trial_id})", wall_seconds=elapsed, model_path=model_path,
-            data_summary=_data_summary(data), test_scores=test_scores, resumed=resumed,
-        )
-        # results.csv marks the run as finished, so it comes last: if an earlier output
-        # fails, the run stays interrupted and --resume writes the outputs again.
-        report.write_csv(frame, run_dir / "results.csv")
+    try:
+        with output_folder(config) as run_dir:
+            report.plot_convergence(frame, config.search.metric, config.search.mode, run_dir / "convergence.png")
+            model_path = _export_best_model(config, data, best_result, best_hyperparameters, run_dir / "best_model.keras")
+            test_scores = score_on_test(config, model_path)
+            _write_json(run_dir / "best_config.json", {
+                "trial_number": best_trial_number, "trial_id": best_trial_id, "hyperparameters": best_hyperparameters,
+                "metrics": best_metrics,
+                "metric": config.search.metric, "mode": config.search.mode,
+                "test": test_scores,
+            })
+            report.write_report(
+                frame, config, run_dir / "report.md", best_trial=f"{best_trial_number} ({best_trial_id})", wall_seconds=elapsed, model_path=model_path,
+                data_summary=_data_summary(data), test_scores=test_scores, resumed=resumed,
+            )
+            # results.csv marks the run as finished, so it comes last: if an earlier output
+            # fails, the run stays interrupted and --resume writes the outputs again.
+            report.write_csv(frame, run_dir / "results.csv")
+    except OSError as error:
+        raise ExperimentError(
+            f"writing the outputs in {config.run_dir()} failed ({error}); every trial is saved, so fix the cause "
+            "(disk space, permissions) and run the same command with --resume to write them"
+        ) from None
     since = " since the resume" if resumed else ""
     logger.info("experiment %s finished in %.0f s%s; outputs in %s", config.name, elapsed, since, config.run_dir())
     return ExperimentOutcome(

@@ -10,6 +10,7 @@ import fcntl
 import json
 import logging
 import os
+import pickletools
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -26,6 +27,8 @@ SNAPSHOT_FILE = "experiment.json"
 RESULTS_FILE = "results.csv"
 # Ray Tune's state files in a run folder: trials, search generator and searcher.
 RAY_STATE_PATTERNS = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
+# The Tuner's own settings, which Tuner.restore reads first.
+TUNER_STATE_FILE = "tuner.pkl"
 
 # Fields that may differ between an interrupted run and its resumption, because
 # they change neither the trials nor the search.
@@ -149,11 +152,23 @@ def write_snapshot(config: ExperimentConfig) -> None:
 
 
 def snapshot_differences(config: ExperimentConfig, run_dir: Path) -> list[str]:
-    """List the fields, as `path: before -> now`, where `config` differs from the run folder's snapshot."""
+    """List the fields, as `path: before -> now`, where `config` differs from the run folder's snapshot.
+
+    Raises:
+        ConfigError: when the snapshot is missing or is not a JSON object.
+    """
     path = run_dir / SNAPSHOT_FILE
-    if not path.exists():
-        return []
-    before = {**ADDED_FIELDS, **_flatten(json.loads(path.read_text()))}
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError(f"a JSON {type(saved).__name__} instead of an object")
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        problem = "is missing" if isinstance(error, FileNotFoundError) else f"cannot be read ({error})"
+        raise ConfigError(
+            f"--resume: {path} {problem}, so the experiment cannot be checked against the interrupted one; "
+            "start a new run with --name (the finished trials' folders stay in place)"
+        ) from None
+    before = {**ADDED_FIELDS, **_flatten(saved)}
     now = _flatten(config.model_dump(mode="json"))
     differences = []
     for key in sorted(set(before) | set(now)):
@@ -180,29 +195,40 @@ def has_experiment_state(run_dir: Path) -> bool:
 def repair_experiment_state(run_dir: Path) -> None:
     """Replace Ray Tune's state files in `run_dir` from the driver's own copies when a kill cut them short.
 
-    Ray Tune writes its state (trials, searcher) atomically into a staging
-    folder of the Ray session and then copies it into the run folder. A
-    SIGKILL during that copy leaves an empty or cut file there, and Ray Tune,
-    unable to read it, silently starts the experiment again from its first
-    trial. The staging folder survives the kill, so its intact copies replace
-    the whole set.
+    Ray Tune writes its state (trials, search generator, searcher, and in a
+    resumed run also tuner.pkl) atomically into a staging folder of the Ray
+    session and then copies it into the run folder. A SIGKILL during that copy
+    leaves an empty or cut file there. Ray Tune, unable to read it, starts the
+    experiment again from its first trial, hangs, or stops without a clear
+    error. The staging folder survives the kill, so its intact copies replace
+    the whole set. A file of the set that is missing counts as damaged.
 
     Raises:
         ConfigError: when a state file is damaged and no intact copy is found.
     """
-    # Ray Tune reads the newest file of each kind; their names end with the session's start time.
-    state_files = [max(matches) for pattern in RAY_STATE_PATTERNS if (matches := list(run_dir.glob(pattern)))]
-    damaged = [path for path in state_files if not _state_file_intact(path)]
+    # Each save writes the three files named after the session's start time, and Ray Tune reads the newest
+    # file of each kind. So the set to check is the newest experiment state's session, and a file of that
+    # set that is missing while an older session's file is there would otherwise mix two saves.
+    experiment_state = max(run_dir.glob(RAY_STATE_PATTERNS[0]), default=None)
+    if experiment_state is None:
+        return
+    session = experiment_state.name.removeprefix("experiment_state-").removesuffix(".json")
+    state_files = [run_dir / pattern.replace("*", session) for pattern in RAY_STATE_PATTERNS]
+    tuner_file = run_dir / TUNER_STATE_FILE
+    damaged = [path for path in [*state_files, tuner_file] if not _state_file_intact(path)]
     if not damaged:
         return
-    staging = _staging_folder_with_intact_copies(run_dir.name, [path.name for path in state_files])
+    # The staging folder of a resumed run contains tuner.pkl too, and Ray rewrites it there at every save.
+    # A first run writes tuner.pkl once, before its first trial, so its staging folder needs no copy.
+    replaced = state_files + ([tuner_file] if tuner_file in damaged else [])
+    staging = _staging_folder_with_intact_copies(run_dir.name, [path.name for path in replaced])
     if staging is None:
         raise ConfigError(
-            f"--resume: the saved state in {run_dir} is damaged ({', '.join(path.name for path in damaged)} "
-            "is empty or cut off, probably by a kill during a save) and Ray's local copy of it is gone; "
+            f"--resume: the saved state in {run_dir} is damaged ({', '.join(path.name for path in damaged)}: missing, empty "
+            "or cut off, probably by a kill during a save) and Ray's local copy of it is gone; "
             "start a new run with --name (the finished trials' folders stay in place)"
         )
-    for path in state_files:
+    for path in replaced:
         replacement = path.with_name(f".{path.name}.repair")
         replacement.write_bytes((staging / path.name).read_bytes())
         os.replace(replacement, path)
@@ -210,15 +236,21 @@ def repair_experiment_state(run_dir: Path) -> None:
 
 
 def _state_file_intact(path: Path) -> bool:
-    """Return whether a state file is whole: JSON that parses, or a pickle from its PROTO to its STOP opcode.
+    """Return whether a state file is whole: JSON that parses, or a pickle whose opcodes run from PROTO to STOP.
 
-    search_gen_state-*.json is a pickle despite its name.
+    search_gen_state-*.json is a pickle despite its name. The pickle's opcodes
+    are only read, never run, so the check imports nothing the pickle names.
     """
     try:
         data = path.read_bytes()
     except OSError:
         return False
     if data.startswith(b"\x80"):
+        try:
+            for _ in pickletools.genops(data):
+                pass
+        except ValueError:
+            return False
         return data.endswith(b".")
     try:
         json.loads(data)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -102,11 +104,80 @@ def test_resume_rejects_damaged_state_without_copy(tmp_path, monkeypatch):
     (run_dir / "search_gen_state-2026-01-01_00-00-00.json").write_text('{"cut')
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "no-ray-here"))
 
-    with pytest.raises(ConfigError, match=r"search_gen_state-2026-01-01_00-00-00\.json is empty or cut off") as error:
+    expected = r"search_gen_state-2026-01-01_00-00-00\.json, searcher-state-2026-01-01_00-00-00\.pkl, tuner\.pkl: missing, empty or cut off"
+    with pytest.raises(ConfigError, match=expected) as error:
         repair_experiment_state(run_dir)
 
     assert "--name" in str(error.value)
     assert (run_dir / "search_gen_state-2026-01-01_00-00-00.json").read_text() == '{"cut'
+
+
+SESSION, OLDER_SESSION = "2026-01-02_00-00-00", "2026-01-01_00-00-00"
+
+
+def write_state(folder: Path, session: str) -> None:
+    """Write a whole set of Ray Tune state files of one save, with small pickles in place of Ray's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"experiment_state-{session}.json").write_text(json.dumps({"trials": [], "session": session}))
+    (folder / f"search_gen_state-{session}.json").write_bytes(pickle.dumps({"counter": 3, "session": session}))
+    (folder / f"searcher-state-{session}.pkl").write_bytes(pickle.dumps({"observations": list(range(500)), "session": session}))
+    (folder / "tuner.pkl").write_bytes(pickle.dumps({"tuner": session}))
+
+
+def zero_middle(path: Path) -> None:
+    data = path.read_bytes()
+    middle = len(data) // 2
+    path.write_bytes(data[:middle] + bytes(32) + data[middle + 32:])
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (lambda run_dir: zero_middle(run_dir / f"searcher-state-{SESSION}.pkl"), f"searcher-state-{SESSION}.pkl"),
+        (lambda run_dir: (run_dir / f"searcher-state-{SESSION}.pkl").unlink(), f"searcher-state-{SESSION}.pkl"),
+        (lambda run_dir: (run_dir / "tuner.pkl").write_bytes(b""), "tuner.pkl"),
+    ],
+    ids=["zeroed-bytes", "missing-newest", "empty-tuner"],
+)
+def test_damaged_state_named_or_restored(tmp_path, monkeypatch, damage, named):
+    run_dir = tmp_path / "runs" / "damaged"
+    write_state(run_dir, OLDER_SESSION)
+    write_state(run_dir, SESSION)
+    intact = {path.name: path.read_bytes() for path in run_dir.iterdir()}
+    damage(run_dir)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray-tmp"))
+
+    with pytest.raises(ConfigError, match=rf"\({re.escape(named)}: missing, empty or cut off"):
+        repair_experiment_state(run_dir)
+
+    # With the copy that Ray's session keeps, the newest set is restored instead.
+    write_state(tmp_path / "ray-tmp" / "ray" / "session_x" / "artifacts" / "run_y" / "damaged" / "driver_artifacts", SESSION)
+    repair_experiment_state(run_dir)
+
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir() if not path.name.startswith(".")} == intact
+
+
+def test_intact_state_left_alone(tmp_path, monkeypatch):
+    run_dir = tmp_path / "runs" / "intact"
+    write_state(run_dir, SESSION)
+    before = {path.name: path.stat().st_mtime_ns for path in run_dir.iterdir()}
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "no-ray-here"))
+
+    repair_experiment_state(run_dir)
+
+    assert {path.name: path.stat().st_mtime_ns for path in run_dir.iterdir()} == before
+
+
+@pytest.mark.parametrize(("content", "problem"), [(None, "is missing"), ("{not json", "cannot be read"), ("[]", "cannot be read")])
+def test_resume_needs_readable_snapshot(tmp_path, content, problem):
+    from tuning.config import parse_experiment
+    from tuning.run_folder import SNAPSHOT_FILE, snapshot_differences
+
+    if content is not None:
+        (tmp_path / SNAPSHOT_FILE).write_text(content)
+
+    with pytest.raises(ConfigError, match=rf"experiment\.json {problem}.*start a new run with --name"):
+        snapshot_differences(parse_experiment(tiny_experiment()), tmp_path)
 
 
 def test_resume_rejects_missing_or_changed(tmp_path, cache):
@@ -303,3 +374,47 @@ def test_resume_rewrites_lost_outputs(tmp_path, cache):
     assert "resuming trial" not in resumed.stderr
     written = {name: (run_dir / name).stat().st_mtime_ns for name in ("convergence.png", "best_model.keras", "best_config.json", "report.md")}
     assert (run_dir / "results.csv").stat().st_mtime_ns >= max(written.values())
+
+
+def test_full_disk_at_export_resumable(tmp_path, cache):
+    experiment = write_experiment(tmp_path / "full.yaml", tiny_experiment(**{"name": "full", "search.num_trials": 2}))
+    run_dir = tmp_path / "runs" / "full"
+    run_dir.mkdir(parents=True)
+    # Writes to /dev/full fail with ENOSPC, as on a full disk.
+    (run_dir / "best_config.json.tmp").symlink_to("/dev/full")
+
+    completed = run_cli(experiment, tmp_path / "runs", cache)
+
+    assert completed.returncode == 1, completed.stderr[-3000:]
+    assert f"writing the outputs in {run_dir} failed" in completed.stderr
+    assert "No space left on device" in completed.stderr
+    assert "run the same command with --resume" in completed.stderr
+    assert not (run_dir / "results.csv").exists()
+
+    (run_dir / "best_config.json.tmp").unlink()
+    resumed = run_cli(experiment, tmp_path / "runs", cache, "--resume")
+
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(pd.read_csv(run_dir / "results.csv")) == 2
+    assert json.loads((run_dir / "best_config.json").read_text())["metric"] == "val_loss"
+
+
+def test_ctrl_c_before_ray_exits_130(tmp_path, cache):
+    experiment = write_experiment(tmp_path / "early.yaml", tiny_experiment(name="early"))
+    process = start_cli(experiment, tmp_path / "runs", cache)
+    try:
+        # The dataset check logs this line before the command imports Ray, which takes seconds.
+        for line in process.stderr:
+            if "Loaded dataset" in line:
+                process.send_signal(signal.SIGINT)
+                break
+        rest = process.stderr.read()
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            kill_process_group(process)
+
+    assert process.returncode == 130, rest[-3000:]
+    assert "interrupted before Ray started; nothing to resume" in rest
+    assert "Aborted" not in rest
+    assert not (tmp_path / "runs" / "early").exists()
