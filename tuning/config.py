@@ -661,6 +661,11 @@ def _format_validation_error(error: ValidationError) -> list[str]:
             message = f"{problem}the type must be one of {', '.join(PARAMETER_MODELS)}"
 
         value = item.get("input")
+        if item["type"] == "int_type" and isinstance(value, float) and value.is_integer():
+            message = f"must be a whole number written without a decimal point: write {int(value)}"
+        elif item["type"] == "too_short":
+            minimum = item.get("ctx", {}).get("min_length", 1)
+            message = "must not be empty" if minimum == 1 else f"must have at least {minimum} entries"
         value_note = ""
         # Our own validators already quote the value as "got ...", and pydantic's built-in messages do not.
         if item["type"] != "missing" and not isinstance(value, dict) and "got " not in message:

@@ -70,6 +70,8 @@ MALFORMED = [
     ("negative cpus", changed("resources.cpus_per_trial", -1), "resources.cpus_per_trial"),
     ("negative gpus", changed("resources.gpus_per_trial", -0.5), "resources.gpus_per_trial"),
     ("empty storage", changed("storage", ""), "storage: storage is empty; give a folder such as ./runs"),
+    ("count with a decimal point", changed("search.num_trials", 30.0), "search.num_trials: must be a whole number written without a decimal point: write 30 (got 30.0)"),
+    ("empty space", changed("search.space", {}), "search.space: must not be empty"),
     ("fixed and tuned", changed("head", {"dropout": 0.1}), "both fixed in head and tuned"),
     ("point outside space", changed("search.points_to_evaluate", [{"dropout": 0.1}]), "points_to_evaluate[0]"),
     ("negative seed", changed("search.seed", -1), "search.seed: Input should be greater than or equal to 0 (got -1)"),
