@@ -966,7 +966,10 @@ def load_warm_start(config: ExperimentConfig) -> list[tuple[dict[str, Any], floa
                 problems.append(str(error))
         observations.append((point, value))
     if problems:
-        raise ConfigError(f"{field} does not fit the current search space (it changed since that run):\n" + "\n".join(f"  {problem}" for problem in problems))
+        raise ConfigError(
+            f"{field} does not fit the current search space (it changed since that run); widen search.space to cover "
+            "these values, or remove warm_start:\n" + "\n".join(f"  {problem}" for problem in problems)
+        )
     size = config.search.distinct_configurations
     tried = {tuple(point.values()) for point, _ in observations}
     if size is not None and len(tried) >= size and not config.search.points_to_evaluate:
