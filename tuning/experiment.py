@@ -460,7 +460,7 @@ def _check_reachable(address: str) -> None:
     """
     if address == "auto":
         return
-    if address.startswith(("http://", "https://")):
+    if address.lower().startswith(("http://", "https://")):
         raise ConfigError(
             f"{address!r} is a dashboard address, which `frozen-tune submit` and `frozen-tune jobs` take; "
             "`run --address` takes auto, HOST:PORT (e.g. 10.0.0.5:6379) or ray://HOST:10001"
@@ -657,7 +657,7 @@ def _run_tuner(config: ExperimentConfig, embeddings: Any, *, resume: bool) -> tu
     )
     logger.info(
         "experiment %s: %d %s, at most %d at a time, %s search on %s",
-        config.name, search.num_trials, "trial" if search.num_trials == 1 else "trials", search.max_concurrent,
+        config.name, expected_trials, "trial" if expected_trials == 1 else "trials", search.max_concurrent,
         search.acquisition, ", ".join(space.names),
     )
     return tuner.fit()

@@ -225,7 +225,7 @@ def repair_experiment_state(run_dir: Path) -> None:
     if staging is None:
         raise ConfigError(
             f"--resume: the saved state in {run_dir} is damaged ({', '.join(path.name for path in damaged)}: missing, empty "
-            "or cut off, probably by a kill during a save) and Ray's local copy of it is gone; "
+            "or cut off, probably by a kill during a save) and Ray's temporary folder has no intact copy of it; "
             "start a new run with --name (the finished trials' folders stay in place)"
         )
     for path in replaced:

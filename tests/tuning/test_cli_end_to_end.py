@@ -161,6 +161,7 @@ def test_run_ends_when_space_used_up(first_run, tmp_path):
     assert completed.stderr.count("every one of the 4 configurations of the search space has been suggested") == 1
     assert re.search(r"Best trial \d{5} \(\w+\) of 4 \(0 failed\)", completed.stdout)
     assert "4 of 4 done" in completed.stderr
+    assert "experiment discrete: 4 trials, at most 2 at a time" in completed.stderr
     report = (folder / "runs" / "discrete" / "report.md").read_text()
     assert "4 trials (4 completed, 0 failed)" in report
     assert "The search space has 4 distinct configurations, fewer than `num_trials` (6)" in report

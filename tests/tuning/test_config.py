@@ -335,8 +335,9 @@ def test_cli_rejects_storage_under_proc(tmp_path):
         ("127.0.0.1:1", 1, "cannot reach Ray at '127.0.0.1:1'"),
         ("bogus", 2, "invalid Ray address 'bogus'; use auto, HOST:PORT"),
         ("http://127.0.0.1:8265", 2, "'http://127.0.0.1:8265' is a dashboard address, which `frozen-tune submit`"),
+        ("HTTPS://127.0.0.1:8265", 2, "'HTTPS://127.0.0.1:8265' is a dashboard address"),
     ],
-    ids=["unreachable", "malformed", "dashboard"],
+    ids=["unreachable", "malformed", "dashboard", "dashboard-upper-case"],
 )
 def test_cli_bad_address_fails_fast(tmp_path, address, exit_code, expected):
     completed = subprocess.run(
