@@ -971,13 +971,17 @@ def load_warm_start(config: ExperimentConfig) -> list[tuple[dict[str, Any], floa
             "these values, or remove warm_start:\n" + "\n".join(f"  {problem}" for problem in problems)
         )
     size = config.search.distinct_configurations
-    tried = {tuple(point.values()) for point, _ in observations}
-    if size is not None and len(tried) >= size and not config.search.points_to_evaluate:
+    if size is not None and distinct_points(observations) >= size and not config.search.points_to_evaluate:
         raise ConfigError(
             f"{field} has tried every one of the {size} configurations of the search space, so no trial is left to run; "
             "widen search.space or remove warm_start"
         )
     return observations
+
+
+def distinct_points(observations: list[tuple[dict[str, Any], float]]) -> int:
+    """Count the distinct configurations among warm-start observations, failed ones included."""
+    return len({tuple(point.values()) for point, _ in observations})
 
 
 def _check_earlier_search(path: Path, search: SearchConfig, field: str) -> None:

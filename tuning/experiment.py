@@ -25,7 +25,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from tuning import report
 from models.backbone_specs import FLOAT32, MIXED_FLOAT16, SMALL_CNN, BackboneError
-from tuning.config import ConfigError, ExperimentConfig, check_storage_writable, load_warm_start
+from tuning.config import ConfigError, ExperimentConfig, check_storage_writable, distinct_points, load_warm_start
 from tuning.evaluation import score_on_test
 from tuning.run_folder import check_run_folder, hold_run_folder, write_snapshot
 from tuning.space import Parameter, SearchSpace
@@ -624,7 +624,7 @@ def _run_tuner(config: ExperimentConfig, embeddings: Any, *, resume: bool) -> tu
     # The searcher ends once every configuration of a discrete space has been used, warm-start ones included.
     expected_trials = search.num_trials
     if search.distinct_configurations is not None:
-        tried = len({tuple(point.values()) for point, _ in warm_start})
+        tried = distinct_points(warm_start)
         untried = search.distinct_configurations - tried
         if untried < search.num_trials:
             expected_trials = untried
