@@ -271,6 +271,13 @@ def _fit_inputs(data: EmbeddingData, batch_size: int, seed: int) -> dict[str, An
     creating one per epoch, which took about a quarter of a quickstart
     epoch. Longer epochs, whose last call could run into the next pass,
     end with the pipeline instead.
+
+    The pipelines run without tf.data's autotuning and static optimisations,
+    on a private pool of as many threads as the trial's intra-op pool. With
+    autotuning, a process training quickstart heads on a single core sat
+    idle for 35-50% of its wall time, and two trials at a time on two cores
+    each ran up to 1.6 times slower than one alone (bench/BENCHMARKS.md,
+    scaling section).
     """
     if data.train.nbytes + data.val.nbytes > TENSOR_PIPELINE_MAX_BYTES:
         return {"x": data.train, "y": data.y_train, "batch_size": batch_size, "shuffle": True,
@@ -285,7 +292,14 @@ def _fit_inputs(data: EmbeddingData, batch_size: int, seed: int) -> dict[str, An
         indices = indices.batch(batch_size)
         if repeat:
             indices = indices.repeat()
-        return indices.map(lambda index: (tf.gather(features, index), tf.gather(labels, index))).prefetch(1)
+        pipeline = indices.map(lambda index: (tf.gather(features, index), tf.gather(labels, index))).prefetch(1)
+        return pipeline.with_options(options)
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    options.experimental_optimization.apply_default_optimizations = False
+    # 0, when no trial set the intra-op threads, keeps TensorFlow's shared pool.
+    options.threading.private_threadpool_size = tf.config.threading.get_intra_op_parallelism_threads()
 
     steps_per_epoch = math.ceil(len(data.y_train) / batch_size)
     one_call_per_epoch = steps_per_epoch <= STEPS_PER_EXECUTION

@@ -217,6 +217,19 @@ def test_small_embeddings_pass_rows_once(digits_data):
     assert np.array_equal(np.concatenate([batch for batch, _ in validation]), digits_data.val)
 
 
+def test_small_embeddings_pipelines_skip_autotuning(digits_data):
+    import tensorflow as tf
+
+    inputs = _fit_inputs(digits_data, batch_size=100, seed=0)
+
+    # Autotuning left a head's process idle whenever another busy process shared its core.
+    for pipeline in (inputs["x"], inputs["validation_data"]):
+        options = pipeline.options()
+        assert options.autotune.enabled is False
+        assert options.experimental_optimization.apply_default_optimizations is False
+        assert options.threading.private_threadpool_size == tf.config.threading.get_intra_op_parallelism_threads()
+
+
 def test_small_embeddings_train_whole_epochs(digits_data):
     # 1,347 rows at batch size 32 are 43 steps, fewer than the 64 of two executions of 32 steps.
     steps_per_epoch = 43
