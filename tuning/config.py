@@ -796,7 +796,7 @@ def check_storage_writable(config: ExperimentConfig) -> None:
     except OSError as error:
         raise ConfigError(
             f"storage: {config.storage!r} is not writable ({error.strerror or error}); "
-            "pass --storage with a folder you can write to"
+            "set storage (or --storage) to a folder you can write to"
         ) from None
 
 
@@ -838,12 +838,12 @@ def _check_storage_uri(uri: str) -> None:
     except pyarrow.ArrowInvalid as error:
         raise ConfigError(
             f"storage: {uri!r} is not a URI that pyarrow can open ({str(error).splitlines()[0]}); "
-            "pass --storage with a folder or a URI such as s3://bucket/runs or gs://bucket/runs"
+            "set storage (or --storage) to a folder or a URI such as s3://bucket/runs or gs://bucket/runs"
         ) from None
     except OSError as error:
         raise ConfigError(
             f"storage: cannot reach {uri!r} ({str(error).splitlines()[0]}); "
-            "check the URI, the network and the credentials, or pass --storage with a folder"
+            "check the URI, the network and the credentials, or set storage (or --storage) to a folder"
         ) from None
 
 
@@ -859,7 +859,7 @@ def check_storage_not_file(config: ExperimentConfig) -> None:
     if blocker is not None:
         raise ConfigError(
             f"storage: {config.storage!r} is not a folder because {str(blocker)!r} is a file; "
-            "pass --storage with a folder you can write to"
+            "set storage (or --storage) to a folder you can write to"
         )
 
 

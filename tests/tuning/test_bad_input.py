@@ -78,7 +78,7 @@ CASES: list[tuple[str, Any, list[str], list[str]]] = [
     ("warm_start_missing", {"search.warm_start": "/nonexistent/results.csv"}, [], ["search.warm_start", "/nonexistent/results.csv"]),
     ("storage_not_writable", {}, ["--storage", "/proc/frozen-tune-runs"], ["storage", "/proc/frozen-tune-runs", "not writable"]),
     ("storage_unknown_scheme", {}, ["--storage", "s4://bucket/runs"],
-     ["storage: 's4://bucket/runs' is not a URI that pyarrow can open", "pass --storage with a folder"]),
+     ["storage: 's4://bucket/runs' is not a URI that pyarrow can open", "set storage (or --storage) to a folder"]),
     ("negative_trials_option", {}, ["--num-trials", "-3"], ["search.num_trials", "(set by --num-trials)"]),
     ("bad_name_option", {}, ["--name", "../escape"], ["name", "(set by --name)"]),
     ("missing_file", None, [], ["experiment file", "not found"]),

@@ -256,7 +256,7 @@ def test_cli_rejects_file_as_storage(tmp_path, below, resume):
 
     assert completed.returncode == 2
     assert f"storage: '{storage}' is not a folder because '{blocker}' is a file" in completed.stderr
-    assert "pass --storage with a folder you can write to" in completed.stderr
+    assert "set storage (or --storage) to a folder you can write to" in completed.stderr
     assert blocker.read_text() == "not a folder"
 
 
@@ -306,6 +306,8 @@ def test_check_command_checks_storage(tmp_path, storage, expected):
 
     assert completed.returncode == 2
     assert expected in completed.stderr
+    # `check` has no --storage option, so the fix names the experiment file's key first.
+    assert "set storage (or --storage) to a folder" in completed.stderr
 
 
 def test_check_command_leaves_no_storage_folder(tmp_path):
