@@ -14,6 +14,7 @@ import math
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -827,24 +828,64 @@ def _check_storage_uri(uri: str) -> None:
     """Open the URI with pyarrow and look up its location, so that a bad URI fails before Ray starts.
 
     Raises:
-        ConfigError: naming the URI and the first line of pyarrow's error.
+        ConfigError: naming the URI and the first line of pyarrow's error, or
+            the time limit when the storage service does not respond in time.
     """
     import pyarrow
     import pyarrow.fs
 
     try:
         filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
-        filesystem.get_file_info(path)
     except pyarrow.ArrowInvalid as error:
         raise ConfigError(
             f"storage: {uri!r} is not a URI that pyarrow can open ({str(error).splitlines()[0]}); "
             "set storage (or --storage) to a folder or a URI such as s3://bucket/runs or gs://bucket/runs"
+        ) from None
+    if not path.strip("/"):
+        scheme = uri.split("://", 1)[0]
+        raise ConfigError(f"storage: {uri!r} names no bucket; set storage (or --storage) to a bucket and a folder in it, such as {scheme}://bucket/runs")
+    try:
+        file_info_within(filesystem, path, STORAGE_URI_TIMEOUT_SECONDS)
+    except TimeoutError:
+        raise ConfigError(
+            f"storage: looking up {uri!r} timed out after {STORAGE_URI_TIMEOUT_SECONDS:.0f} s; "
+            "check the URI, the network and the credentials, or set storage (or --storage) to a folder"
         ) from None
     except OSError as error:
         raise ConfigError(
             f"storage: cannot reach {uri!r} ({str(error).splitlines()[0]}); "
             "check the URI, the network and the credentials, or set storage (or --storage) to a folder"
         ) from None
+
+
+# Seconds a storage URI gets to respond to its first lookup. Without a network, pyarrow's GCS
+# client kept retrying for more than 100 s.
+STORAGE_URI_TIMEOUT_SECONDS = 30.0
+
+
+def file_info_within(filesystem: Any, path: str, seconds: float) -> Any:
+    """Return `filesystem.get_file_info(path)`, run in a daemon thread so that a hung lookup cannot block the caller.
+
+    Raises:
+        TimeoutError: when the lookup has not returned after `seconds`. Its thread is then left to finish or hang.
+        OSError: the lookup's own error.
+    """
+    outcome: dict[str, Any] = {}
+
+    def look_up() -> None:
+        try:
+            outcome["info"] = filesystem.get_file_info(path)
+        except OSError as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=look_up, name="storage-lookup", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"looking up {path!r} timed out after {seconds} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["info"]
 
 
 def check_storage_not_file(config: ExperimentConfig) -> None:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import copy
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tuning.config import ConfigError, check_datasets, load_experiment, parse_experiment
+from tuning.config import ConfigError, check_datasets, check_storage_writable, load_experiment, parse_experiment
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 QUICKSTART = REPOSITORY / "examples" / "quickstart.yaml"
@@ -295,8 +298,10 @@ def test_cli_rejects_non_folder_as_run_folder(tmp_path, kind, resume):
     [
         ("/proc/frozen-tune-runs", "storage: '/proc/frozen-tune-runs' is not writable"),
         ("foo://bucket/runs", "storage: 'foo://bucket/runs' is not a URI that pyarrow can open"),
+        ("s3://", "storage: 's3://' names no bucket; set storage (or --storage) to a bucket and a folder in it, such as s3://bucket/runs"),
+        ("gs://", "storage: 'gs://' names no bucket; set storage (or --storage) to a bucket and a folder in it, such as gs://bucket/runs"),
     ],
-    ids=["unwritable", "unknown-scheme"],
+    ids=["unwritable", "unknown-scheme", "s3-without-bucket", "gs-without-bucket"],
 )
 def test_check_command_checks_storage(tmp_path, storage, expected):
     path = tmp_path / "experiment.yaml"
@@ -307,7 +312,43 @@ def test_check_command_checks_storage(tmp_path, storage, expected):
     assert completed.returncode == 2
     assert expected in completed.stderr
     # `check` has no --storage option, so the fix names the experiment file's key first.
-    assert "set storage (or --storage) to a folder" in completed.stderr
+    assert "set storage (or --storage) to a " in completed.stderr
+
+
+@pytest.fixture
+def silent_server():
+    """Return the port of a server on 127.0.0.1 that accepts connections and never responds."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    connections = []
+
+    def accept() -> None:
+        while True:
+            try:
+                connections.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield server.getsockname()[1]
+    server.close()
+    for connection in connections:
+        connection.close()
+
+
+def test_storage_uri_lookup_times_out(silent_server, monkeypatch):
+    monkeypatch.setattr("tuning.config.STORAGE_URI_TIMEOUT_SECONDS", 1.0)
+    uri = f"s3://bucket/runs?endpoint_override=127.0.0.1:{silent_server}&scheme=http"
+    config = parse_experiment(changed("storage", uri))
+
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as raised:
+        check_storage_writable(config)
+
+    assert str(raised.value).startswith(f"storage: looking up {uri!r} timed out after 1 s;")
+    assert "or set storage (or --storage) to a folder" in str(raised.value)
+    assert time.monotonic() - started < 10
 
 
 def test_check_command_leaves_no_storage_folder(tmp_path):
