@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,14 @@ from tuning.exit_codes import EXIT_INTERRUPTED, EXIT_INVALID_INPUT, EXIT_TERMINA
 from tuning.run_folder import check_run_folder
 
 logger = logging.getLogger(__name__)
+
+
+class TerminatedBeforeRay(KeyboardInterrupt):
+    """A SIGTERM that arrived before the run installed its own handler, which saves Ray Tune's state."""
+
+
+def _raise_terminated_before_ray(signal_number: int, frame: Any) -> None:
+    raise TerminatedBeforeRay()
 
 
 def _configure_logging(level: str) -> None:
@@ -48,6 +58,10 @@ def main(log_level: str) -> None:
 def run(experiment: str, address: str | None, num_trials: int | None, storage: str | None, name: str | None, dashboard: bool,
         resume: bool) -> None:
     """Run the tuning experiment described by the YAML file EXPERIMENT."""
+    # Without a handler, a SIGTERM during the checks and imports would end the command
+    # without a message and skip the clean-up of the storage probe.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated_before_ray)
     try:
         config = load_experiment(
             experiment,
@@ -63,15 +77,17 @@ def run(experiment: str, address: str | None, num_trials: int | None, storage: s
     except ConfigError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_INVALID_INPUT)
-    except KeyboardInterrupt:
-        click.echo("interrupted before Ray started; nothing to resume. Run the command again to start over.", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt as error:
+        stopped = "terminated" if isinstance(error, TerminatedBeforeRay) else "interrupted"
+        click.echo(f"{stopped} before Ray started; nothing to resume. Run the command again to start over.", err=True)
+        sys.exit(EXIT_TERMINATED if isinstance(error, TerminatedBeforeRay) else EXIT_INTERRUPTED)
 
     try:
         outcome = run_experiment(config, address=address, dashboard=dashboard, resume=resume)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
         _report_interrupted(config)
-        sys.exit(EXIT_TERMINATED if TERMINATION.is_set() else EXIT_INTERRUPTED)
+        terminated = TERMINATION.is_set() or isinstance(error, TerminatedBeforeRay)
+        sys.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
     except ConfigError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_INVALID_INPUT)

@@ -399,14 +399,19 @@ def test_full_disk_at_export_resumable(tmp_path, cache):
     assert json.loads((run_dir / "best_config.json").read_text())["metric"] == "val_loss"
 
 
-def test_ctrl_c_before_ray_exits_130(tmp_path, cache):
+@pytest.mark.parametrize(
+    ("signal_number", "exit_code", "stopped"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+    ids=["sigint", "sigterm"],
+)
+def test_signal_before_ray_exits_cleanly(tmp_path, cache, signal_number, exit_code, stopped):
     experiment = write_experiment(tmp_path / "early.yaml", tiny_experiment(name="early"))
     process = start_cli(experiment, tmp_path / "runs", cache)
     try:
         # The dataset check logs this line before the command imports Ray, which takes seconds.
         for line in process.stderr:
             if "Loaded dataset" in line:
-                process.send_signal(signal.SIGINT)
+                process.send_signal(signal_number)
                 break
         rest = process.stderr.read()
         process.wait(timeout=120)
@@ -414,7 +419,7 @@ def test_ctrl_c_before_ray_exits_130(tmp_path, cache):
         if process.poll() is None:
             kill_process_group(process)
 
-    assert process.returncode == 130, rest[-3000:]
-    assert "interrupted before Ray started; nothing to resume" in rest
+    assert process.returncode == exit_code, rest[-3000:]
+    assert f"{stopped} before Ray started; nothing to resume" in rest
     assert "Aborted" not in rest
     assert not (tmp_path / "runs" / "early").exists()
