@@ -846,6 +846,11 @@ def _check_storage_uri(uri: str) -> None:
         raise ConfigError(f"storage: {uri!r} names no bucket; set storage (or --storage) to a bucket and a folder in it, such as {scheme}://bucket/runs")
     try:
         file_info_within(filesystem, path, STORAGE_URI_TIMEOUT_SECONDS)
+    except pyarrow.ArrowInvalid as error:
+        raise ConfigError(
+            f"storage: {uri!r} is not a URI that pyarrow can open ({str(error).splitlines()[0]}); "
+            "set storage (or --storage) to a folder or a URI such as s3://bucket/runs or gs://bucket/runs"
+        ) from None
     except TimeoutError:
         raise ConfigError(
             f"storage: looking up {uri!r} timed out after {STORAGE_URI_TIMEOUT_SECONDS:.0f} s; "
@@ -868,14 +873,14 @@ def file_info_within(filesystem: Any, path: str, seconds: float) -> Any:
 
     Raises:
         TimeoutError: when the lookup has not returned after `seconds`. Its thread is then left to finish or hang.
-        OSError: the lookup's own error.
+        Exception: the lookup's own error, such as OSError.
     """
     outcome: dict[str, Any] = {}
 
     def look_up() -> None:
         try:
             outcome["info"] = filesystem.get_file_info(path)
-        except OSError as error:
+        except Exception as error:  # noqa: BLE001 - re-raised in the caller's thread
             outcome["error"] = error
 
     thread = threading.Thread(target=look_up, name="storage-lookup", daemon=True)

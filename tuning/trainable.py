@@ -275,7 +275,7 @@ def _fit_inputs(data: EmbeddingData, batch_size: int, seed: int) -> dict[str, An
     The pipelines run without tf.data's autotuning and static optimisations,
     on a private pool of as many threads as the trial's intra-op pool. With
     autotuning, a process training quickstart heads on a single core sat
-    idle for 35-50% of its wall time, and two trials at a time on two cores
+    idle for 30-50% of its wall time, and two trials at a time on two cores
     each ran up to 1.6 times slower than one alone (bench/BENCHMARKS.md,
     scaling section).
     """

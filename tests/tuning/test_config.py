@@ -351,6 +351,36 @@ def test_storage_uri_lookup_times_out(silent_server, monkeypatch):
     assert time.monotonic() - started < 10
 
 
+@pytest.fixture
+def closing_server():
+    """Return the port of a server on 127.0.0.1 that closes every connection at once."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+
+    def accept() -> None:
+        while True:
+            try:
+                server.accept()[0].close()
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield server.getsockname()[1]
+    server.close()
+
+
+def test_storage_uri_lookup_error_names_cause(closing_server):
+    uri = f"s3://bucket/runs?endpoint_override=127.0.0.1:{closing_server}&scheme=http"
+    config = parse_experiment(changed("storage", uri))
+
+    with pytest.raises(ConfigError) as raised:
+        check_storage_writable(config)
+
+    assert str(raised.value).startswith(f"storage: cannot reach {uri!r} (When getting information for key 'runs' in bucket 'bucket'")
+    assert str(raised.value).endswith("check the URI, the network and the credentials, or set storage (or --storage) to a folder")
+
+
 def test_check_command_leaves_no_storage_folder(tmp_path):
     path = tmp_path / "experiment.yaml"
     path.write_text(yaml.safe_dump(changed("storage", str(tmp_path / "new" / "runs"))))
