@@ -413,9 +413,9 @@ class SearchConfig(_Strict):
     def _head_hyperparameters(cls, space: dict[str, Any]) -> dict[str, Any]:
         problems = []
         for name, parameter in space.items():
-            problems.extend(_hyperparameter_problems(name, parameter))
+            problems.extend(_hyperparameter_problems(name, parameter, in_space=True))
         if problems:
-            raise ValueError("; ".join(problems))
+            raise FieldProblems(problems)
         return space
 
     @field_validator("warm_start")
@@ -547,9 +547,9 @@ class ExperimentConfig(_Strict):
     def _fixed_hyperparameters(cls, head: dict[str, Any]) -> dict[str, Any]:
         problems = []
         for name, value in head.items():
-            problems.extend(_hyperparameter_problems(name, ChoiceParameter(type="choice", values=[value])))
+            problems.extend(_hyperparameter_problems(name, ChoiceParameter(type="choice", values=[value]), in_space=False))
         if problems:
-            raise ValueError("; ".join(problems))
+            raise FieldProblems(problems)
         return head
 
     @model_validator(mode="after")
@@ -601,34 +601,50 @@ class ExperimentConfig(_Strict):
         return {**HEAD_DEFAULTS, **self.head, **tuned}
 
 
-def _hyperparameter_problems(name: str, parameter: Any) -> list[str]:
-    """Check that `name` is a head hyperparameter and that `parameter`'s range suits it."""
+class FieldProblems(ValueError):
+    """Problems that one validator found, each with its key path below the validated field (such as `dropout.high`)."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{key}: {message}" for key, message in problems))
+        self.problems = problems
+
+
+def _hyperparameter_problems(name: str, parameter: Any, in_space: bool) -> list[tuple[str, str]]:
+    """List what is wrong with `parameter`'s range or values for the head hyperparameter `name`.
+
+    Returns (key path below the section, message) pairs. In `search.space` the
+    path names the bound or `values`; in `head` it is the name alone.
+    """
     if name not in HEAD_HYPERPARAMETERS:
         # Reported by _unknown_hyperparameters, which runs even when other fields are invalid.
         return []
 
+    values_key = f"{name}.values" if in_space else name
     if name in CATEGORICAL_HYPERPARAMETERS:
         accepted = CATEGORICAL_HYPERPARAMETERS[name]
         if not isinstance(parameter, ChoiceParameter):
-            return [f"{name} must be a choice of {', '.join(accepted)}"]
+            return [(f"{name}.type", f"{name} must be a choice of {', '.join(accepted)}")]
         unknown = [value for value in parameter.values if value not in accepted]
-        return [f"{name} value {value!r} is not accepted; accepted: {', '.join(accepted)}" for value in unknown]
+        return [(values_key, f"{value!r} is not accepted for {name}; accepted: {', '.join(accepted)}") for value in unknown]
 
-    values = parameter.values if isinstance(parameter, ChoiceParameter) else [parameter.low, parameter.high]
+    if isinstance(parameter, ChoiceParameter):
+        keyed_values = [(values_key, value) for value in parameter.values]
+    else:
+        keyed_values = [(f"{name}.low", parameter.low), (f"{name}.high", parameter.high)]
     problems = []
-    for value in values:
+    for key, value in keyed_values:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{name} value {value!r} must be a number")
+            problems.append((key, f"{name} must be a number, got {value!r}"))
         elif name in INTEGER_HYPERPARAMETERS and (value != int(value) or value < INTEGER_HYPERPARAMETERS[name]):
-            problems.append(f"{name} value {value!r} must be a whole number >= {INTEGER_HYPERPARAMETERS[name]}")
+            problems.append((key, f"{name} must be a whole number >= {INTEGER_HYPERPARAMETERS[name]}, got {value!r}"))
         elif name in ("learning_rate",) and value <= 0:
-            problems.append(f"{name} value {value!r} must be > 0")
+            problems.append((key, f"{name} must be > 0, got {value!r}"))
         elif name in ("decay_rate", "l2") and value < 0:
-            problems.append(f"{name} value {value!r} must be >= 0")
+            problems.append((key, f"{name} must be >= 0, got {value!r}"))
         elif name == "dropout" and not 0 <= value < 1:
-            problems.append(f"{name} value {value!r} must be in [0, 1)")
+            problems.append((key, f"{name} must be in [0, 1), got {value!r}"))
     if name in INTEGER_HYPERPARAMETERS and isinstance(parameter, (UniformParameter, LogUniformParameter)):
-        problems.append(f"{name} takes whole numbers: use type int or choice, not {parameter.type}")
+        problems.append((f"{name}.type", f"{name} takes whole numbers: use type int or choice, not {parameter.type}"))
     return problems
 
 
@@ -650,6 +666,10 @@ def _format_validation_error(error: ValidationError) -> list[str]:
     for item in error.errors():
         location = [part for part in item["loc"] if part not in PARAMETER_MODELS]
         path = ".".join(str(part) for part in location) or "(top level)"
+        problems = item.get("ctx", {}).get("error")
+        if isinstance(problems, FieldProblems):
+            lines.extend(f"{path}.{key}: {message}" for key, message in problems.problems)
+            continue
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             accepted = _accepted_keys(item["loc"][:-1])
