@@ -308,7 +308,11 @@ def test_check_command_checks_storage(tmp_path, storage, expected):
     path = tmp_path / "experiment.yaml"
     path.write_text(yaml.safe_dump(changed("storage", storage)))
 
-    completed = subprocess.run([sys.executable, "-m", "tuning", "check", str(path)], capture_output=True, text=True, timeout=60)
+    # Without this, pyarrow's S3 client asks the EC2 metadata address for credentials.
+    environment = {**os.environ, "AWS_EC2_METADATA_DISABLED": "true"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "tuning", "check", str(path)], capture_output=True, text=True, timeout=60, env=environment,
+    )
 
     assert completed.returncode == 2
     assert expected in completed.stderr
@@ -340,7 +344,9 @@ def silent_server():
 
 def test_storage_uri_lookup_times_out(silent_server, monkeypatch):
     monkeypatch.setattr("tuning.config.STORAGE_URI_TIMEOUT_SECONDS", 1.0)
-    uri = f"s3://bucket/runs?endpoint_override=127.0.0.1:{silent_server}&scheme=http"
+    # With a region and without the EC2 metadata lookup, the S3 client contacts only the local server.
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    uri = f"s3://bucket/runs?endpoint_override=127.0.0.1:{silent_server}&scheme=http&region=us-east-1"
     config = parse_experiment(changed("storage", uri))
 
     started = time.monotonic()
@@ -371,8 +377,9 @@ def closing_server():
     server.close()
 
 
-def test_storage_uri_lookup_error_names_cause(closing_server):
-    uri = f"s3://bucket/runs?endpoint_override=127.0.0.1:{closing_server}&scheme=http"
+def test_storage_uri_lookup_error_names_cause(closing_server, monkeypatch):
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    uri = f"s3://bucket/runs?endpoint_override=127.0.0.1:{closing_server}&scheme=http&region=us-east-1"
     config = parse_experiment(changed("storage", uri))
 
     with pytest.raises(ConfigError) as raised:
