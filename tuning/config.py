@@ -856,15 +856,9 @@ def _check_storage_uri(uri: str) -> None:
 
     try:
         filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
-    except pyarrow.ArrowInvalid as error:
-        raise ConfigError(
-            f"storage: {uri!r} is not a URI that pyarrow can open ({str(error).splitlines()[0]}); "
-            "set storage (or --storage) to a folder or a URI such as s3://bucket/runs or gs://bucket/runs"
-        ) from None
-    if not path.strip("/"):
-        scheme = uri.split("://", 1)[0]
-        raise ConfigError(f"storage: {uri!r} names no bucket; set storage (or --storage) to a bucket and a folder in it, such as {scheme}://bucket/runs")
-    try:
+        if not path.strip("/"):
+            scheme = uri.split("://", 1)[0]
+            raise ConfigError(f"storage: {uri!r} names no bucket; set storage (or --storage) to a bucket and a folder in it, such as {scheme}://bucket/runs")
         file_info_within(filesystem, path, STORAGE_URI_TIMEOUT_SECONDS)
     except pyarrow.ArrowInvalid as error:
         raise ConfigError(

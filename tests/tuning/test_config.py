@@ -320,9 +320,8 @@ def test_check_command_checks_storage(tmp_path, storage, expected):
     assert "set storage (or --storage) to a " in completed.stderr
 
 
-@pytest.fixture
-def silent_server():
-    """Return the port of a server on 127.0.0.1 that accepts connections and never responds."""
+def serve_locally(keep_open: bool):
+    """Yield the port of a server on 127.0.0.1 that holds every connection open without a response, or closes it at once."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(8)
@@ -331,15 +330,25 @@ def silent_server():
     def accept() -> None:
         while True:
             try:
-                connections.append(server.accept()[0])
+                connection = server.accept()[0]
             except OSError:
                 return
+            if keep_open:
+                connections.append(connection)
+            else:
+                connection.close()
 
     threading.Thread(target=accept, daemon=True).start()
     yield server.getsockname()[1]
     server.close()
     for connection in connections:
         connection.close()
+
+
+@pytest.fixture
+def silent_server():
+    """Return the port of a server on 127.0.0.1 that accepts connections and never responds."""
+    yield from serve_locally(keep_open=True)
 
 
 def test_storage_uri_lookup_times_out(silent_server, monkeypatch):
@@ -361,20 +370,7 @@ def test_storage_uri_lookup_times_out(silent_server, monkeypatch):
 @pytest.fixture
 def closing_server():
     """Return the port of a server on 127.0.0.1 that closes every connection at once."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-
-    def accept() -> None:
-        while True:
-            try:
-                server.accept()[0].close()
-            except OSError:
-                return
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield server.getsockname()[1]
-    server.close()
+    yield from serve_locally(keep_open=False)
 
 
 def test_storage_uri_lookup_error_names_cause(closing_server, monkeypatch):
